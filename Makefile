@@ -1,0 +1,39 @@
+# The two commands of the README (`make demo`, `make test`) install what they need first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FRAMEWORK ?= pytorch
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: install demo test test-slow parity bench reproduce clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml changes; a second `make install` does nothing.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[all,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m bit_common.demo --framework $(FRAMEWORK)
+
+test: install
+	$(PYTEST) -m "not slow" -q
+
+test-slow: install
+	$(PYTEST) -m slow -q
+
+parity: install
+	$(PYTEST) parity_tests -q
+
+bench: install
+	$(PY) -m bit_common.bench
+
+reproduce: install
+	$(PY) -m bit_common.reproduce $(if $(RUN),--run,)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,96 @@
+"""The one argument parser of `python -m bit_{pytorch,jax,tf2}.train`."""
+
+from __future__ import annotations
+
+import argparse
+
+from bit_common.errors import BiTError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def build_parser(framework: str) -> argparse.ArgumentParser:
+    """The parser shared by the three train modules; only the description names the framework."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m bit_{framework}.train",
+        description=f"Fine-tune a released BiT model with BiT-HyperRule ({framework}).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The original big_transfer flags, with their meaning and defaults.
+    p.add_argument("--name", required=True,
+                   help="Name of this run; logs and checkpoints go to <logdir>/<name>/, and "
+                        "running the same name again resumes it.")
+    p.add_argument("--model", required=True,
+                   help="Released model to fine-tune, e.g. BiT-M-R50x1 (BiT-M gives the best "
+                        "results); see README for all names.")
+    p.add_argument("--logdir", required=True, help="Where to write run folders (small).")
+    p.add_argument("--bit_pretrained_dir", default=".",
+                   help="Where to look for <model>.npz; downloaded there when absent.")
+    p.add_argument("--dataset", required=True,
+                   help="cifar10, cifar100, oxford_iiit_pet, oxford_flowers102, imagenet2012, "
+                        "digits (offline) or imagefolder (your own images in --datadir).")
+    p.add_argument("--datadir", default=None,
+                   help="Dataset location: download/cache folder, or for imagefolder the folder "
+                        "holding train/<class>/ and val/<class>/.")
+    p.add_argument("--examples_per_class", type=int, default=None,
+                   help="Few-shot: train on this many random examples of every class only.")
+    p.add_argument("--examples_per_class_seed", type=int, default=0,
+                   help="Random seed for selecting the few-shot examples.")
+    p.add_argument("--batch", type=int, default=512, help="Global batch size.")
+    p.add_argument("--batch_split", type=int, default=1,
+                   help="Split each batch into this many micro-batches whose gradients are "
+                        "accumulated (same update, less memory).")
+    p.add_argument("--base_lr", type=float, default=0.003,
+                   help="Base learning rate of BiT-HyperRule; the default is most likely best.")
+    p.add_argument("--eval_every", type=int, default=None,
+                   help="Evaluate every so many steps; there is always an evaluation at the end.")
+    p.add_argument("--workers", type=int, default=8, help="Input-pipeline worker processes.")
+    p.add_argument("--no-save", dest="save", action="store_false",
+                   help="Write no checkpoints or final model (a stopped run then cannot resume).")
+    p.add_argument("--tfds_manual_dir", default=None,
+                   help="Manually downloaded files for tfds datasets (imagenet2012).")
+    p.add_argument("--batch_eval", type=int, default=32, help="Evaluation batch size.")
+    # What this project adds.
+    p.add_argument("--steps", type=int, default=None,
+                   help="Stop after this many optimizer steps (the schedule is unchanged).")
+    p.add_argument("--resolution", type=int, nargs=2, metavar=("RESIZE", "CROP"), default=None,
+                   help="Override the rule's resize and crop sizes, e.g. --resolution 160 128.")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of data order, crops, flips and mixup.")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="No random crop, flip or mixup: train images are resized straight to "
+                        "the crop size (for debugging and cross-framework checks).")
+    p.add_argument("--save_every", type=int, default=None,
+                   help="Checkpoint every so many steps (default: at every evaluation); one is "
+                        "always written at the end and on SIGINT/SIGTERM.")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="Compute precision on accelerators (bf16/fp16 mixed precision); "
+                        "parameters stay float32.")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Errors argparse cannot express, raised before anything is written."""
+    if args.batch < 1 or args.batch_split < 1:
+        raise BiTError(f"--batch ({args.batch}) and --batch_split ({args.batch_split}) must be "
+                       f"positive.")
+    if args.batch % args.batch_split:
+        raise BiTError(f"--batch {args.batch} is not divisible by --batch_split "
+                       f"{args.batch_split}; each micro-batch must have the same size. Use e.g. "
+                       f"--batch_split {_divisor_near(args.batch, args.batch_split)}.")
+    for flag in ("eval_every", "steps", "save_every", "examples_per_class"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise BiTError(f"--{flag} must be at least 1, got {value}.")
+    if args.batch_eval < 1:
+        raise BiTError(f"--batch_eval must be at least 1, got {args.batch_eval}.")
+    if args.resolution is not None:
+        resize, crop = args.resolution
+        if not 0 < crop <= resize:
+            raise BiTError(f"--resolution {resize} {crop}: the crop must be positive and no "
+                           f"larger than the resize.")
+    if "/" in args.name or args.name in ("", ".", ".."):
+        raise BiTError(f"--name {args.name!r} must be a plain folder name (no '/').")
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))

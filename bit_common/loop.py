@@ -1,0 +1,280 @@
+"""The training loop's control flow, shared by the three `train` modules.
+
+A framework supplies two things (see `Framework`): the training labels (so few-shot sampling and
+the hyper-rule run here), and a `Backend` that loads batches, takes optimizer steps, evaluates
+and exposes its state as canonical numpy arrays. Everything else (schedule, evaluation and
+checkpoint cadence, resume, signals, non-finite loss, logging) happens here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bit_common import checkpoint, cli, hyperrule, registry
+from bit_common.datasets import DatasetInfo, Split, get_dataset, image_hw
+from bit_common.errors import BiTError, CheckpointError
+from bit_common.fewshot import sample_few_shot
+from bit_common.plan import InputPlan
+from bit_common.runlog import RunLog
+from bit_common.weights import find_or_download
+
+CHECKPOINT = "checkpoint.npz"
+FINAL_MODEL = "model.npz"
+CONFIG = "config.json"
+MOMENTUM = "momentum/"
+# Flags that change what is trained: resuming with other values would silently mix two runs.
+RESUME_KEYS = ("model", "dataset", "examples_per_class", "examples_per_class_seed", "batch",
+               "base_lr", "seed", "resolution", "augment")
+
+
+@dataclass
+class RunSetup:
+    """Everything a backend needs, decided by the shared code."""
+
+    args: argparse.Namespace
+    dataset: DatasetInfo
+    train: Split                # the full training split (labels always; images or paths maybe)
+    train_indices: np.ndarray   # few-shot subset (indices into `train`), or all of it
+    num_classes: int
+    arch: registry.Arch
+    params: dict[str, np.ndarray]  # canonical, head replaced by zeros
+    plan: InputPlan
+    resize: int
+    crop: int
+
+
+class Backend:
+    """One framework's model, optimizer and input pipeline, as the shared loop sees it."""
+
+    is_chief: bool = True  # writes logs and checkpoints (rank 0 of a multi-process run)
+
+    def train_batches(self, start_step: int) -> Iterator[Any]:
+        """Batches for steps start_step, start_step+1, ... (as built from `plan.batch_plan`)."""
+        raise NotImplementedError
+
+    def train_step(self, batch: Any, lr: float) -> float:
+        """One optimizer step (SGD momentum 0.9, mixup per the batch's plan); returns the loss."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """top1, top5 and loss over the whole evaluation split."""
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Canonical params plus `momentum/<canonical key>` momentum buffers."""
+        raise NotImplementedError
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of get_state."""
+        raise NotImplementedError
+
+    def agree(self, flag: bool) -> bool:
+        """True if any process has `flag` set (multi-process runs must stop together)."""
+        return flag
+
+
+class Framework(Protocol):
+    """The two entry points each `bit_<framework>.train` module hands to `main`."""
+
+    name: str
+
+    def load_train_split(self, args: argparse.Namespace, info: DatasetInfo) -> Split: ...
+
+    def make_backend(self, setup: RunSetup) -> Backend: ...
+
+
+def main(framework: Framework, argv: list[str] | None = None) -> int:
+    """Parse the shared flags and train; a BiTError becomes a one-paragraph message and exit 2."""
+    args = cli.build_parser(framework.name).parse_args(argv)
+    try:
+        return Trainer(args, framework).run()
+    except BiTError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, framework: Framework):
+        self.args, self.framework = args, framework
+        self.stop_signal: int | None = None
+
+    # ---- set-up: everything is validated before the run folder is touched ----------------
+    def run(self) -> int:
+        args = self.args
+        cli.check_args(args)
+        registry.get_model(args.model)
+        info = get_dataset(args.dataset)
+        if info.needs_datadir and not args.datadir:
+            raise BiTError(f"--dataset {args.dataset} needs --datadir (the folder holding "
+                           f"train/<class>/ and val/<class>/).")
+        run_dir = Path(args.logdir) / args.name
+        _check_writable(Path(args.logdir))
+        resume = self._read_checkpoint(run_dir) if args.save else None
+        weights = find_or_download(args.model, args.bit_pretrained_dir)
+        setup = self._setup(info, weights)
+        backend = self.framework.make_backend(setup)
+        start = 0
+        if resume is not None:
+            start = int(resume.pop("meta/step"))
+            resume.pop("meta/config")
+            backend.set_state(resume)
+        run_dir_or_none = run_dir if backend.is_chief else None
+        if run_dir_or_none:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(run_dir, args, setup, self.framework.name)
+        log = RunLog(run_dir_or_none, resume_step=start)
+        try:
+            return self._train(backend, setup, log, run_dir, start)
+        finally:
+            log.close()
+
+    def _read_checkpoint(self, run_dir: Path) -> dict[str, np.ndarray] | None:
+        path = run_dir / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                state = {k: f[k] for k in f.files}
+            saved = json.loads(str(state["meta/config"]))
+            int(state["meta/step"])
+        except Exception as e:  # any unreadable or foreign file: explain, never overwrite
+            raise CheckpointError(
+                f"The run folder's checkpoint {path} cannot be resumed from ({type(e).__name__}: "
+                f"{e}). It is left untouched: move it away to start this run afresh, or use "
+                f"another --name.") from None
+        now = _resume_config(self.args)
+        diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+        if diff:
+            desc = ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(
+                f"{path} belongs to a run with other settings ({desc}). Use another --name, or "
+                f"the original flags to resume it.")
+        return state
+
+    def _setup(self, info: DatasetInfo, weights: Path) -> RunSetup:
+        args = self.args
+        train = self.framework.load_train_split(args, info)
+        num_classes = info.num_classes or len(train.class_names)
+        if args.examples_per_class:
+            indices = sample_few_shot(train.labels, args.examples_per_class,
+                                      args.examples_per_class_seed)
+        else:
+            indices = np.arange(len(train), dtype=np.int64)
+        n = len(indices)
+        if args.resolution:
+            resize, crop = args.resolution
+        else:
+            hw = info.image_hw or image_hw(train.paths[0])
+            resize, crop = hyperrule.get_resolution(hw)
+        arch, params = checkpoint.load_params(weights, num_classes=num_classes)
+        if arch != registry.get_model(args.model).arch:
+            raise CheckpointError(
+                f"{weights} holds a {arch.name} but --model {args.model} is a "
+                f"{registry.get_model(args.model).arch.name}. Replace the file with the "
+                f"released {registry.get_model(args.model).filename}.")
+        plan = InputPlan(n, args.batch, resize, crop, seed=args.seed,
+                         mixup_alpha=hyperrule.get_mixup(n), augment=args.augment)
+        return RunSetup(args, info, train, indices, num_classes, arch, params, plan, resize, crop)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _train(self, backend: Backend, setup: RunSetup, log: RunLog, run_dir: Path,
+               start: int) -> int:
+        args, n = self.args, setup.plan.num_examples
+        end = hyperrule.total_steps(n) if args.steps is None else min(args.steps,
+                                                                      hyperrule.total_steps(n))
+        if start >= end:
+            log.info(f"Run {run_dir} already reached step {start}; nothing to do.")
+            return 0
+        log.info(f"{self.framework.name}: {args.model} ({setup.arch.name}) on {args.dataset}, "
+                 f"{n} training examples, {setup.num_classes} classes, {setup.resize}->"
+                 f"{setup.crop} px, mixup {setup.plan.mixup_alpha}, steps {start}->{end} of "
+                 f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else ""))
+        save_every = args.save_every or args.eval_every
+        self._install_signal_handlers()
+        batches = backend.train_batches(start)
+        step_times: list[float] = []
+        for step in range(start, end):
+            lr = hyperrule.get_lr(step, n, args.base_lr)
+            t0 = time.perf_counter()
+            loss = backend.train_step(next(batches), lr)
+            step_times.append(time.perf_counter() - t0)
+            done = step + 1
+            if not math.isfinite(loss):
+                raise BiTError(
+                    f"The training loss became {loss} at step {done} (lr {lr:.3g}). Training "
+                    f"stopped; the last good checkpoint in {run_dir} is kept. Lower --base_lr or "
+                    f"check the data.")
+            recent = float(np.median(step_times[-20:]))
+            log.train(done, loss, lr, args.batch / recent, recent * (end - done))
+            last = done == end
+            if (args.eval_every and done % args.eval_every == 0) or last:
+                log.eval(done, **backend.evaluate())
+            stop = backend.agree(self.stop_signal is not None)
+            if args.save and (last or stop or (save_every and done % save_every == 0)):
+                self._save(backend, run_dir, done, final=last)
+            if stop and not last:
+                log.info(f"Stopped by signal after step {done}; checkpoint in {run_dir}. Run "
+                         f"the same command again to resume.")
+                return 0
+        log.info(f"Done: {end} steps. " + (f"Final model: {run_dir / FINAL_MODEL}"
+                                           if args.save else "(--no-save: nothing written)"))
+        return 0
+
+    def _save(self, backend: Backend, run_dir: Path, step: int, final: bool) -> None:
+        state = backend.get_state()
+        if not backend.is_chief:
+            return
+        state["meta/step"] = np.asarray(step, np.int64)
+        state["meta/config"] = np.asarray(json.dumps(_resume_config(self.args)))
+        checkpoint.atomic_savez(run_dir / CHECKPOINT, state)
+        if final:
+            checkpoint.save_params({k: v for k, v in state.items() if k.startswith("resnet/")},
+                                   run_dir / FINAL_MODEL)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self.stop_signal = signum
+            signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+
+def _resume_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in ((k, getattr(args, k)) for k in RESUME_KEYS)}
+
+
+def _check_writable(logdir: Path) -> None:
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BiTError(f"Cannot create --logdir {logdir} ({e.strerror}). Choose a folder you "
+                       f"can write to.") from None
+    if not os.access(logdir, os.W_OK | os.X_OK):
+        raise BiTError(f"--logdir {logdir} is not writable. Choose a folder you can write to, "
+                       f"or fix its permissions.")
+
+
+def _write_config(run_dir: Path, args: argparse.Namespace, setup: RunSetup,
+                  framework: str) -> None:
+    config = {**vars(args), "framework": framework, "arch": setup.arch.name,
+              "num_classes": setup.num_classes, "num_train_examples": setup.plan.num_examples,
+              "resize": setup.resize, "crop": setup.crop,
+              "mixup_alpha": setup.plan.mixup_alpha,
+              "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                           "cpus": os.cpu_count(), "python": platform.python_version()}}
+    (run_dir / CONFIG).write_text(json.dumps(config, indent=2, default=str))
