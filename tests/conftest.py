@@ -1,0 +1,41 @@
+"""Fixtures shared by every test module: seeded random checkpoints in the released layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bit_common import checkpoint
+from bit_common.registry import parse_arch
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+    """A folder usable as --bit_pretrained_dir (files are added by the fixtures below)."""
+    return tmp_path_factory.mktemp("bit_weights")
+
+
+@pytest.fixture(scope="session")
+def r50_npz(ckpt_dir):
+    """A seeded random R50x1 checkpoint with a 10-way head, named like the released file."""
+    path = ckpt_dir / "BiT-M-R50x1.npz"
+    if not path.exists():
+        # The name says 21843 classes; the file's own head is 10-way, which fine-tuning replaces.
+        checkpoint.write_random_checkpoint(path, parse_arch("R50x1"), num_classes=10, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def r50_params(r50_npz):
+    """The canonical parameters of `r50_npz`."""
+    return checkpoint.read_npz(r50_npz)
+
+
+def random_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """float32 NHWC images in [-1, 1], as every framework's `predict` takes them."""
+    return np.random.default_rng(seed).uniform(-1, 1, (n, h, w, 3)).astype(np.float32)
+
+
+@pytest.fixture
+def images():
+    return random_images
