@@ -136,10 +136,13 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(run_dir, args, setup, self.framework.name)
         log = RunLog(run_dir_or_none, resume_step=start)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._train(backend, setup, log, run_dir, start)
         finally:
             log.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _read_checkpoint(self, run_dir: Path) -> dict[str, np.ndarray] | None:
         path = run_dir / CHECKPOINT

@@ -1,0 +1,203 @@
+"""bit_common without any framework: registry, hyper-rule, few-shot, plan, CLI, datasets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bit_common import cli, hyperrule, registry
+from bit_common.datasets import get_dataset, image_hw, load_digits, scan_image_folder
+from bit_common.errors import BiTError, DataError
+from bit_common.fewshot import sample_few_shot
+from bit_common.plan import InputPlan
+
+FRAMEWORK_MODULES = ("torch", "jax", "tensorflow", "flax", "keras", "optax", "sklearn")
+
+
+def test_importing_bit_common_imports_no_framework():
+    code = ("import sys, pkgutil, importlib, bit_common\n"
+            "for m in pkgutil.iter_modules(bit_common.__path__):\n"
+            "    importlib.import_module('bit_common.' + m.name)\n"
+            f"print(sorted(m for m in {FRAMEWORK_MODULES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---- registry ---------------------------------------------------------------------------
+def test_registry_has_every_released_file():
+    models = registry.all_models()
+    kinds = [m.kind for m in models.values()]
+    assert kinds.count("upstream") == 12
+    assert kinds.count("ilsvrc2012") == 6
+    assert kinds.count("vtab") == 285
+    assert kinds.count("distill") == 4
+    m = registry.get_model("BiT-M-R152x4")
+    assert (m.arch.depth, m.arch.width, m.num_classes) == (152, 4, 21843)
+    assert m.url == "https://storage.googleapis.com/bit_models/BiT-M-R152x4.npz"
+    v = registry.get_model("vtab/BiT-M-R101x3-run2-clevr-count")
+    assert (v.arch.name, v.num_classes) == ("R101x3", 8)
+    assert v.url.endswith("/bit_models/vtab/BiT-M-R101x3-run2-clevr-count.npz")
+    assert registry.get_model("distill/R152x2_T_384").arch.name == "R152x2"
+    assert registry.get_model("BiT-M-R50x3-ILSVRC2012").num_classes == 1000
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(BiTError, match=r"Unknown model 'BiT-M-R50x2'.*BiT-M-R50x1"):
+        registry.get_model("BiT-M-R50x2")
+
+
+# ---- BiT-HyperRule ----------------------------------------------------------------------
+@pytest.mark.parametrize("step, lr", [(0, 0.0), (50, 0.0015), (100, 0.003), (200, 0.003),
+                                      (201, 0.0003), (301, 3e-5), (401, 3e-6), (500, None)])
+def test_lr_worked_examples(step, lr):
+    got = hyperrule.get_lr(step, 1000, 0.003)
+    assert got == lr if lr is None else got == pytest.approx(lr, rel=1e-12)
+
+
+@pytest.mark.parametrize("n, schedule, mixup", [
+    (19_999, (100, 200, 300, 400, 500), 0.0),
+    (20_000, (500, 3000, 6000, 9000, 10_000), 0.1),
+    (499_999, (500, 3000, 6000, 9000, 10_000), 0.1),
+    (500_000, (500, 6000, 12_000, 18_000, 20_000), 0.1),
+])
+def test_schedule_and_mixup_by_dataset_size(n, schedule, mixup):
+    assert hyperrule.get_schedule(n) == schedule
+    assert hyperrule.get_mixup(n) == mixup
+    assert hyperrule.get_lr(schedule[-1] - 1, n) is not None
+    assert hyperrule.get_lr(schedule[-1], n) is None
+
+
+def test_resolution_by_image_area():
+    assert hyperrule.get_resolution((32, 32)) == (160, 128)
+    assert hyperrule.get_resolution((95, 96)) == (160, 128)
+    assert hyperrule.get_resolution((96, 96)) == (512, 480)
+    assert hyperrule.get_resolution(get_dataset("oxford_iiit_pet").image_hw) == (512, 480)
+    assert hyperrule.get_resolution(get_dataset("cifar100").image_hw) == (160, 128)
+
+
+# ---- few-shot -----------------------------------------------------------------------------
+def test_few_shot_takes_k_of_every_class_deterministically():
+    labels = np.random.default_rng(1).integers(0, 7, 1000)
+    a = sample_few_shot(labels, 5, seed=3)
+    assert np.array_equal(a, sample_few_shot(labels.copy(), 5, seed=3))
+    assert not np.array_equal(a, sample_few_shot(labels, 5, seed=4))
+    assert np.array_equal(np.bincount(labels[a]), [5] * 7)
+    assert len(set(a.tolist())) == 35 and np.all(np.diff(a) > 0)
+
+
+def test_few_shot_is_uniform_within_a_class():
+    labels = np.zeros(10, np.int64)
+    picks = np.concatenate([sample_few_shot(labels, 1, seed=s) for s in range(2000)])
+    counts = np.bincount(picks, minlength=10)
+    assert counts.min() > 140 and counts.max() < 260  # 200 expected each
+
+
+def test_few_shot_error_names_the_class_and_its_count():
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 10)
+    with pytest.raises(DataError, match=r"class 1 has \(2\)"):
+        sample_few_shot(labels, 5)
+    with pytest.raises(DataError, match="at least 1"):
+        sample_few_shot(labels, 0)
+
+
+# ---- the input plan -----------------------------------------------------------------------
+def test_plan_sees_every_example_once_per_epoch_and_is_a_function_of_step():
+    plan = InputPlan(num_examples=10, batch=4, resize=40, crop=32, seed=7)
+    stream = np.concatenate([plan.indices(s) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    again = InputPlan(num_examples=10, batch=4, resize=40, crop=32, seed=7).batch_plan(3)
+    first = plan.batch_plan(3)
+    assert np.array_equal(first.indices, again.indices)
+    assert np.array_equal(first.offsets, again.offsets)
+    assert first.offsets.min() >= 0 and first.offsets.max() <= 8
+    flips = np.concatenate([plan.batch_plan(s).flips for s in range(200)])
+    assert 0.4 < flips.mean() < 0.6
+
+
+def test_plan_mixup_and_no_augment():
+    plan = InputPlan(100, 8, 160, 128, mixup_alpha=0.1, shards=2)
+    bp = plan.batch_plan(0)
+    assert 0.0 < bp.mixup_lambda < 1.0
+    assert sorted(bp.mixup_perm[:4]) == [0, 1, 2, 3] and sorted(bp.mixup_perm[4:]) == [4, 5, 6, 7]
+    off = InputPlan(100, 8, 160, 128, mixup_alpha=0.1, augment=False)
+    bp = off.batch_plan(0)
+    assert bp.mixup_lambda == 1.0 and not bp.flips.any() and not bp.offsets.any()
+    assert off.train_size == (128, 128)
+    assert np.array_equal(bp.indices, plan.indices(0))  # data order does not depend on augment
+
+
+# ---- CLI --------------------------------------------------------------------------------
+def parse(*extra: str):
+    return cli.build_parser("pytorch").parse_args(
+        ["--name", "r", "--model", "BiT-M-R50x1", "--logdir", "/tmp/x", "--dataset", "digits",
+         *extra])
+
+
+def test_cli_defaults_are_the_originals():
+    a = parse()
+    assert (a.batch, a.batch_split, a.base_lr, a.examples_per_class, a.examples_per_class_seed,
+            a.eval_every, a.workers, a.save, a.bit_pretrained_dir, a.batch_eval) == (
+        512, 1, 0.003, None, 0, None, 8, True, ".", 32)
+    assert parse("--no-save").save is False
+    assert parse("--resolution", "40", "32").resolution == [40, 32]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--batch", "10", "--batch_split", "4"), "not divisible by --batch_split 4"),
+    (("--resolution", "32", "40"), "no larger than the resize"),
+    (("--steps", "0",), "--steps must be at least 1"),
+])
+def test_cli_rejects_inconsistent_flags(flags, message):
+    with pytest.raises(BiTError, match=message):
+        cli.check_args(parse(*flags))
+
+
+# ---- datasets -----------------------------------------------------------------------------
+def test_unknown_dataset_suggests_close_names():
+    with pytest.raises(BiTError, match="cifar10"):
+        get_dataset("cifar")
+
+
+def test_digits_is_a_fixed_real_split():
+    train, test = load_digits("train"), load_digits("test")
+    assert (len(train), len(test)) == (1437, 360)
+    assert train.images.shape == (1437, 8, 8, 3) and train.images.dtype == np.uint8
+    assert train.images.max() == 255 and set(np.unique(test.labels)) == set(range(10))
+    assert np.array_equal(load_digits("train").labels, train.labels)
+
+
+def _write_image(path, hw=(12, 20), fmt="PNG"):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((*hw, 3), np.uint8)).save(path, format=fmt)
+
+
+def test_image_folder_scan(tmp_path, capsys):
+    for cls in ("dog", "cat"):
+        for i in range(2):
+            _write_image(tmp_path / "train" / cls / f"{i}.png")
+    _write_image(tmp_path / "train" / "cat" / "x.jpg", hw=(30, 40), fmt="JPEG")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    import io
+    warn = io.StringIO()
+    split = scan_image_folder(tmp_path, "train", warn=warn)
+    assert split.class_names == ["cat", "dog"]
+    assert split.labels.tolist() == [0, 0, 0, 1, 1] and len(split.paths) == 5
+    assert "notes.txt" in warn.getvalue()
+    assert image_hw(tmp_path / "train" / "cat" / "x.jpg") == (30, 40)
+    assert image_hw(tmp_path / "train" / "dog" / "0.png") == (12, 20)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        scan_image_folder(tmp_path, "train")
+    _write_image(tmp_path / "train" / "a" / "0.png")
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*no readable images"):
+        scan_image_folder(tmp_path, "train")
+    _write_image(tmp_path / "val" / "a" / "0.png")
+    with pytest.raises(DataError, match="same class folders"):
+        scan_image_folder(tmp_path, "val", class_names=["a", "b"])

@@ -1,0 +1,200 @@
+"""The shared training loop, driven by a tiny numpy backend (no framework needed).
+
+The backend fine-tunes only the zero-initialised head on raw digit pixels, with the same SGD
+momentum rule as the real backends, so resume, signals and faults are tested on real training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from bit_common import checkpoint, loop
+from bit_common.datasets import load_digits
+from bit_common.runlog import read_metrics
+
+HEAD_K, HEAD_B = checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS
+
+
+class NumpyHead(loop.Backend):
+    """Softmax regression on pixels padded to the feature width, as a stand-in backbone."""
+
+    faults: dict[int, str] = {}  # step -> "nan" | "sigterm"
+
+    def __init__(self, setup: loop.RunSetup):
+        self.setup = setup
+        self.params = dict(setup.params)
+        self.momentum = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.eval_split = load_digits("test")
+        self.step = 0
+
+    def _features(self, images):
+        x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+        return np.pad(x, ((0, 0), (0, self.setup.arch.feature_dim - x.shape[1])))
+
+    def train_batches(self, start_step):
+        for s in itertools.count(start_step):
+            idx = self.setup.train_indices[self.setup.plan.batch_plan(s).indices]
+            yield s, self._features(self.setup.train.images[idx]), self.setup.train.labels[idx]
+
+    def _loss_grad(self, x, y):
+        w, b = self.params[HEAD_K][0, 0], self.params[HEAD_B]
+        logits = x @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        loss = -np.log(p[np.arange(len(y)), y]).mean()
+        p[np.arange(len(y)), y] -= 1
+        return loss, (x.T @ p / len(y))[None, None], p.mean(0)
+
+    def train_step(self, batch, lr):
+        step, x, y = batch
+        loss, gw, gb = self._loss_grad(x, y)
+        for key, g in ((HEAD_K, gw), (HEAD_B, gb)):
+            self.momentum[key] = 0.9 * self.momentum[key] + g
+            self.params[key] = (self.params[key] - lr * self.momentum[key]).astype(np.float32)
+        fault = self.faults.get(step)
+        if fault == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return float("nan") if fault == "nan" else float(loss)
+
+    def evaluate(self):
+        x, y = self._features(self.eval_split.images), self.eval_split.labels
+        logits = x @ self.params[HEAD_K][0, 0] + self.params[HEAD_B]
+        top5 = np.argsort(-logits, 1)[:, :5]
+        loss, _, _ = self._loss_grad(x, y)
+        return {"top1": float((top5[:, 0] == y).mean()),
+                "top5": float((top5 == y[:, None]).any(1).mean()), "loss": float(loss)}
+
+    def get_state(self):
+        return {**self.params, **{loop.MOMENTUM + k: v for k, v in self.momentum.items()}}
+
+    def set_state(self, state):
+        self.params = {k: v for k, v in state.items() if not k.startswith(loop.MOMENTUM)}
+        self.momentum = {k[len(loop.MOMENTUM):]: v for k, v in state.items()
+                         if k.startswith(loop.MOMENTUM)}
+
+
+class Numpy:
+    name = "numpy"
+
+    @staticmethod
+    def load_train_split(args, info):
+        return load_digits("train")
+
+    @staticmethod
+    def make_backend(setup):
+        return NumpyHead(setup)
+
+
+@pytest.fixture
+def run(tmp_path, r50_npz, capsys):
+    """Run the loop in-process; returns (exit code, stderr, run folder)."""
+    def go(*flags, name="run", faults=None):
+        NumpyHead.faults = faults or {}
+        argv = ["--name", name, "--model", "BiT-M-R50x1", "--logdir", str(tmp_path / "logs"),
+                "--bit_pretrained_dir", str(r50_npz.parent), "--dataset", "digits",
+                "--batch", "16", "--base_lr", "1.0", *flags]
+        code = loop.main(Numpy, argv)
+        return code, capsys.readouterr().err, tmp_path / "logs" / name
+    return go
+
+
+def state_of(run_dir):
+    with np.load(run_dir / loop.CHECKPOINT) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_a_run_writes_logs_metrics_checkpoint_and_model(run):
+    code, err, run_dir = run("--steps", "40", "--eval_every", "20")
+    assert code == 0, err
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 41))
+    assert [r["step"] for r in evals] == [20, 40]
+    assert set(train[0]) == {"type", "step", "loss", "lr", "img_per_s", "time"}
+    assert set(evals[0]) == {"type", "step", "top1", "top5", "loss", "time"}
+    assert train[0]["lr"] == 0.0 and train[10]["lr"] == pytest.approx(0.1)
+    assert evals[-1]["top1"] > 0.5  # digits learnt from pixels: the loop really trains
+    assert "[step 40] eval: top1=" in (run_dir / "train.log").read_text()
+    _, params = checkpoint.load_params(run_dir / loop.FINAL_MODEL)
+    assert params[HEAD_K].any() and state_of(run_dir)["meta/step"] == 40
+    config = json.loads((run_dir / loop.CONFIG).read_text())
+    assert (config["framework"], config["num_train_examples"], config["crop"]) == ("numpy", 1437, 128)
+
+
+def test_resume_equals_a_straight_run(run):
+    assert run("--steps", "6", name="straight")[0] == 0
+    assert run("--steps", "3", name="split")[0] == 0
+    code, _, split_dir = run("--steps", "6", name="split")
+    assert code == 0
+    a, b = state_of(split_dir.parent / "straight"), state_of(split_dir)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a if k != "meta/config")
+    steps = [r["step"] for r in read_metrics(split_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert run("--steps", "6", name="split")[0] == 0
+    assert "already reached step 6; nothing to do" in (split_dir / "train.log").read_text()
+
+
+def test_sigterm_saves_and_the_same_command_resumes(run, capsys):
+    code, _, run_dir = run("--steps", "6", name="sig", faults={2: "sigterm"})
+    assert code == 0 and int(state_of(run_dir)["meta/step"]) == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert run("--steps", "6", name="sig")[0] == 0
+    assert run("--steps", "6", name="ref")[0] == 0
+    a, b = state_of(run_dir), state_of(run_dir.parent / "ref")
+    assert all(np.array_equal(a[k], b[k]) for k in a if k != "meta/config")
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6, 6]  # six train records and the final eval
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run):
+    code, err, run_dir = run("--steps", "8", "--save_every", "2", name="nan", faults={4: "nan"})
+    assert code == 2 and "loss became nan at step 5" in err and "Traceback" not in err
+    assert int(state_of(run_dir)["meta/step"]) == 4
+
+
+def test_corrupt_or_foreign_checkpoint_is_never_overwritten(run, tmp_path):
+    run_dir = tmp_path / "logs" / "bad"
+    run_dir.mkdir(parents=True)
+    (run_dir / loop.CHECKPOINT).write_bytes(b"garbage")
+    code, err, _ = run("--steps", "2", name="bad")
+    assert code == 2 and str(run_dir / loop.CHECKPOINT) in err and "left untouched" in err
+    assert (run_dir / loop.CHECKPOINT).read_bytes() == b"garbage"
+    assert run("--steps", "2", name="other")[0] == 0
+    code, err, _ = run("--steps", "4", "--batch", "8", name="other")
+    assert code == 2 and "--batch was 16, now 8" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--model", "BiT-M-R50x2"), "Unknown model 'BiT-M-R50x2'. Did you mean"),
+    (("--dataset", "digit"), "Unknown dataset 'digit'. Did you mean: digits"),
+    (("--examples_per_class", "200"), "more examples than class"),
+    (("--batch_split", "3"), "not divisible"),
+    (("--dataset", "imagefolder"), "needs --datadir"),
+])
+def test_bad_input_is_explained_before_anything_is_written(run, flags, message):
+    code, err, run_dir = run(*flags, name="bad_input")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_unwritable_logdir(tmp_path, r50_npz, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = loop.main(Numpy, ["--name", "x", "--model", "BiT-M-R50x1", "--dataset", "digits",
+                             "--logdir", str(blocker / "logs"),
+                             "--bit_pretrained_dir", str(r50_npz.parent)])
+    assert code == 2 and "Cannot create --logdir" in capsys.readouterr().err
+
+
+def test_wrong_architecture_file_is_explained(run, tmp_path):
+    weights = tmp_path / "w"
+    checkpoint.write_random_checkpoint(weights / "BiT-M-R101x1.npz", "R50x1", 10)
+    code, err, _ = run("--model", "BiT-M-R101x1", "--bit_pretrained_dir", str(weights))
+    assert code == 2 and "holds a R50x1 but --model BiT-M-R101x1 is a R101x1" in err
