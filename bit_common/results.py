@@ -1,0 +1,125 @@
+"""Turn runs into the README's tables: `python -m bit_common.results <logdir> [--plot out.png]`.
+
+Each run folder holds config.json and metrics.jsonl; a run's result is its last evaluation's
+top-1. Runs are grouped by model, dataset, examples per class and framework, and each group is
+shown as `min ← median → max` over its runs (a single run as its value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bit_common.runlog import read_metrics
+
+FRAMEWORK_ORDER = ("tf2", "jax", "pytorch")
+FRAMEWORK_TITLES = {"tf2": "TF2", "jax": "Jax", "pytorch": "PyTorch"}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model: str
+    dataset: str
+    examples_per_class: int | None  # None: full data
+    framework: str
+    top1: float  # percent
+    path: Path
+
+
+def collect(logdir: str | Path) -> list[RunResult]:
+    """Final top-1 of every finished run found below `logdir`."""
+    results = []
+    for config_path in sorted(Path(logdir).rglob("config.json")):
+        run_dir = config_path.parent
+        evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "eval"]
+        if not evals:
+            continue
+        c = json.loads(config_path.read_text())
+        results.append(RunResult(c["model"], c["dataset"], c.get("examples_per_class"),
+                                 c["framework"], 100.0 * evals[-1]["top1"], run_dir))
+    return results
+
+
+def summary(values: list[float]) -> str:
+    """`min ← median → max` (one decimal), or the single value."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    v = np.asarray(values)
+    return f"{v.min():.1f} ← {np.median(v):.1f} → {v.max():.1f}"
+
+
+def tables(results: list[RunResult]) -> str:
+    """One Markdown table per model: rows dataset x examples per class, columns frameworks."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        groups[(r.model, r.dataset, r.examples_per_class, r.framework)].append(r.top1)
+    out = []
+    for model in sorted({r.model for r in results}):
+        fws = [f for f in FRAMEWORK_ORDER if any(r.model == model and r.framework == f
+                                                 for r in results)]
+        fws += sorted({r.framework for r in results if r.model == model} - set(fws))
+        out += [f"{model}", "",
+                "| Dataset | Ex/cls | " + " | ".join(FRAMEWORK_TITLES.get(f, f) for f in fws) + " |",
+                "| :--- | :---: | " + " | ".join(":---:" for _ in fws) + " |"]
+        rows = sorted({(r.dataset, r.examples_per_class) for r in results if r.model == model},
+                      key=lambda x: (x[0], x[1] is None, x[1] or 0))
+        for ds, k in rows:
+            cells = [summary(groups[(model, ds, k, f)]) if groups.get((model, ds, k, f)) else "–"
+                     for f in fws]
+            out.append(f"| {ds} | {'full' if k is None else k} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(results: list[RunResult], path: str | Path) -> Path:
+    """Median top-1 against examples per class, one line per model/dataset/framework (Fig. 1)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.examples_per_class is not None:
+            series[(r.model, r.dataset, r.framework)][r.examples_per_class].append(r.top1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, ds, fw), points in sorted(series.items()):
+        ks = sorted(points)
+        ax.plot(ks, [np.median(points[k]) for k in ks], marker="o",
+                label=f"{model} {ds} ({FRAMEWORK_TITLES.get(fw, fw)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("examples per class")
+    ax.set_ylabel("top-1 accuracy [%]")
+    ax.set_title("BiT few-shot transfer")
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Summarise BiT runs as the README's tables.")
+    p.add_argument("logdir")
+    p.add_argument("--plot", default=None, help="write the few-shot plot to this PNG")
+    args = p.parse_args(argv)
+    results = collect(args.logdir)
+    if not results:
+        print(f"error: no finished runs (config.json + an eval in metrics.jsonl) below "
+              f"{args.logdir}.", file=sys.stderr)
+        return 2
+    print(tables(results))
+    if args.plot:
+        print(f"Plot: {plot(results, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

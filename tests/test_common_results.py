@@ -1,0 +1,77 @@
+"""Result tables and plot from tiny real runs, and the reproduction grid."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from bit_common import cli, reproduce, results
+from bit_common.loop import main as loop_main
+from test_common_loop import Numpy
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory, r50_npz):
+    logdir = tmp_path_factory.mktemp("runs")
+    base = ["--model", "BiT-M-R50x1", "--logdir", str(logdir), "--dataset", "digits",
+            "--bit_pretrained_dir", str(r50_npz.parent), "--batch", "16", "--base_lr", "1.0",
+            "--no-save"]
+    for seed in range(3):
+        assert loop_main(Numpy, base + ["--name", f"k2-s{seed}", "--steps", "8",
+                                        "--examples_per_class", "2",
+                                        "--examples_per_class_seed", str(seed)]) == 0
+    assert loop_main(Numpy, base + ["--name", "full", "--steps", "30"]) == 0
+    return logdir
+
+
+def test_tables_show_min_median_max_per_group(logdir):
+    found = results.collect(logdir)
+    assert len(found) == 4
+    few = sorted(r.top1 for r in found if r.examples_per_class == 2)
+    table = results.tables(found)
+    assert "| Dataset | Ex/cls | numpy |" in table
+    assert f"| digits | 2 | {few[0]:.1f} ← {few[1]:.1f} → {few[2]:.1f} |" in table
+    full = next(r.top1 for r in found if r.examples_per_class is None)
+    assert f"| digits | full | {full:.1f} |" in table
+    assert table.index("| digits | 2 |") < table.index("| digits | full |")
+
+
+def test_plot_and_cli(logdir, tmp_path, capsys):
+    png = tmp_path / "fig.png"
+    assert results.main([str(logdir), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "BiT-M-R50x1" in capsys.readouterr().out
+    assert results.main([str(tmp_path / "empty")]) == 2
+
+
+def test_summary_format():
+    assert results.summary([3.0, 1.0, 2.0]) == "1.0 ← 2.0 → 3.0"
+    assert results.summary([97.25]) == "97.2"
+
+
+def test_reproduce_grid_covers_every_published_row():
+    jobs = list(reproduce.jobs())
+    cifar = [j for j in jobs if j.table == "CIFAR"]
+    # 3 models x 2 datasets x (5 seeds x 2 shot counts + 1 full) x their frameworks (3, 2, 3)
+    assert len(cifar) == 2 * 11 * (3 + 2 + 3)
+    assert len([j for j in jobs if j.table == "ImageNet"]) == 9
+    assert len({j.name for j in jobs}) == len(jobs)
+    parser = cli.build_parser("pytorch")
+    for job in jobs:
+        args = parser.parse_args(job.argv("runs", "weights", "data")[3:])
+        cli.check_args(args)
+        if job.table == "CIFAR":
+            assert (args.batch, args.base_lr) == (128, 0.001)
+    r152 = {j.framework for j in cifar if "R152x2" in j.name}
+    assert r152 == {"jax", "pytorch"}
+
+
+def test_reproduce_prints_commands(capsys):
+    assert reproduce.main(["--only", "BiT-M-R50x1-cifar10-1-s3"]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("python -m")]
+    assert len(lines) == 3 and all(re.search(r"--examples_per_class_seed 3", l) for l in lines)
+    assert {l.split()[2] for l in lines} == {"bit_tf2.train", "bit_jax.train", "bit_pytorch.train"}
+    assert np.all(["--batch 128 --base_lr 0.001" in l for l in lines])
