@@ -7,14 +7,28 @@ import argparse
 from bit_common.errors import BiTError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+HELP_WIDTH = 100
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows a flag's default only where it has one worth showing (not None, not a switch)."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, width=HELP_WIDTH)  # fixed: the README quotes this text
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and action.nargs != 0:
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser(framework: str) -> argparse.ArgumentParser:
-    """The parser shared by the three train modules; only the description names the framework."""
+    """The parser shared by the three train modules; only the program name names the framework."""
     p = argparse.ArgumentParser(
         prog=f"python -m bit_{framework}.train",
-        description=f"Fine-tune a released BiT model with BiT-HyperRule ({framework}).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Fine-tune a released BiT model with BiT-HyperRule.",
+        formatter_class=_Formatter)
     # The original big_transfer flags, with their meaning and defaults.
     p.add_argument("--name", required=True,
                    help="Name of this run; logs and checkpoints go to <logdir>/<name>/, and "
