@@ -201,3 +201,14 @@ def test_image_folder_errors(tmp_path):
     _write_image(tmp_path / "val" / "a" / "0.png")
     with pytest.raises(DataError, match="same class folders"):
         scan_image_folder(tmp_path, "val", class_names=["a", "b"])
+
+
+def readme_cli_block() -> str:
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("```\nusage: python -m bit_<framework>.train") + 4
+    return text[start:text.index("```", start)].rstrip()
+
+
+def test_readme_cli_reference_matches_the_parser():
+    assert readme_cli_block() == cli.build_parser("<framework>").format_help().rstrip()
