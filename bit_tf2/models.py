@@ -1,0 +1,305 @@
+"""BiT ResNet-v2 (GroupNorm + Weight Standardization) as Keras 3 layers on the TensorFlow backend.
+
+The computation is exactly the one the released `.npz` weights expect
+(`shared/spec/checkpoint-format.md`): explicit symmetric padding, a zero-padded max pool in the
+root, pre-activation bottleneck units with the stride on the 3x3 conv, and a head that is
+`relu(group_norm(x))`, a global mean and a 1x1 conv (a dense layer with a bias).
+
+Every variable is reachable through `model.named_variables`, keyed by the names
+`bit_common.checkpoint.framework_key(key, "tf2")` gives; the conversion to and from the canonical
+(released) names is done by `bit_common.checkpoint` only.
+
+    model = load_npz("BiT-M-R50x1.npz", num_classes=10)   # zero head for fine-tuning
+    logits = predict(model, images)                        # float32 NHWC in [-1, 1]
+    save_npz(model, "model.npz")
+    export(model, "saved_model/")                          # plain tf.saved_model.load works
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from bit_common import checkpoint
+from bit_common.errors import CheckpointError
+from bit_common.registry import Arch
+
+# Keras 3 (tf.keras in TF >= 2.16 is Keras 3); import it the way TF exposes it.
+keras = tf.keras
+
+FRAMEWORK = "tf2"
+GN_GROUPS, GN_EPS, WS_EPS = 32, 1e-5, 1e-10
+
+
+# ---- layers --------------------------------------------------------------------------------
+class StandardizedConv2D(keras.layers.Layer):
+    """Conv without bias whose HWIO kernel is standardized over (H, W, I) on every call.
+
+    `(w - mean) / sqrt(var + 1e-10)` with the biased variance, computed in float32 (the layer
+    does not autocast its kernel), then cast to the compute dtype. Padding is always 'VALID':
+    callers pad explicitly and symmetrically.
+    """
+
+    def __init__(self, filters: int, kernel_size: int, strides: int = 1, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
+
+    def build(self, input_shape):
+        k = self.kernel_size
+        self.kernel = self.add_weight(name="kernel", shape=(k, k, int(input_shape[-1]),
+                                                             self.filters),
+                                      initializer="he_normal", dtype="float32")
+
+    def call(self, x):
+        w = tf.convert_to_tensor(self.kernel)
+        mean, var = tf.nn.moments(w, axes=[0, 1, 2], keepdims=True)
+        w = (w - mean) / tf.sqrt(var + WS_EPS)
+        w = tf.cast(w, x.dtype)
+        return tf.nn.conv2d(x, w, strides=self.strides, padding="VALID")
+
+    def named_variables(self, prefix: str) -> dict:
+        return {f"{prefix}/kernel": self.kernel}
+
+
+def group_norm(name: str = "group_norm") -> keras.layers.GroupNormalization:
+    """GroupNorm(32 groups, eps 1e-5): Keras' own layer computes exactly BiT's numbers
+    (two-pass moments with the biased variance, statistics in float32 under mixed precision)."""
+    return keras.layers.GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPS, name=name)
+
+
+def _gn_vars(layer: keras.layers.Layer, prefix: str) -> dict:
+    return {f"{prefix}/gamma": layer.gamma, f"{prefix}/beta": layer.beta}
+
+
+def _pad(x, p: int):
+    return tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]]) if p else x
+
+
+class Bottleneck(keras.layers.Layer):
+    """Pre-activation bottleneck unit; the stride is on the 3x3 conv and on the projection."""
+
+    def __init__(self, cmid: int, cout: int, stride: int, proj: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.stride = stride
+        self.gn_a, self.gn_b, self.gn_c = group_norm("gn_a"), group_norm("gn_b"), group_norm("gn_c")
+        self.conv_a = StandardizedConv2D(cmid, 1, name="conv_a")
+        self.conv_b = StandardizedConv2D(cmid, 3, stride, name="conv_b")
+        self.conv_c = StandardizedConv2D(cout, 1, name="conv_c")
+        self.proj = StandardizedConv2D(cout, 1, stride, name="proj") if proj else None
+
+    def call(self, x):
+        a = tf.nn.relu(self.gn_a(x))
+        shortcut = x if self.proj is None else self.proj(a)
+        y = self.conv_a(a)
+        y = self.conv_b(_pad(tf.nn.relu(self.gn_b(y)), 1))
+        y = self.conv_c(tf.nn.relu(self.gn_c(y)))
+        return y + shortcut
+
+    def named_variables(self, prefix: str) -> dict:
+        out = {}
+        for sub, gn, conv in (("a", self.gn_a, self.conv_a), ("b", self.gn_b, self.conv_b),
+                              ("c", self.gn_c, self.conv_c)):
+            out.update(_gn_vars(gn, f"{prefix}/{sub}/group_norm"))
+            out.update(conv.named_variables(f"{prefix}/{sub}/standardized_conv2d"))
+        if self.proj is not None:
+            out.update(self.proj.named_variables(f"{prefix}/a/proj/standardized_conv2d"))
+        return out
+
+
+class Head(keras.layers.Layer):
+    """The 1x1 conv on the pooled features, kernel stored (1, 1, C, K) as in the release."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.num_classes = num_classes
+
+    def build(self, input_shape):
+        c = int(input_shape[-1])
+        self.kernel = self.add_weight(name="kernel", shape=(1, 1, c, self.num_classes),
+                                      initializer="zeros", dtype="float32")
+        self.bias = self.add_weight(name="bias", shape=(self.num_classes,),
+                                    initializer="zeros", dtype="float32")
+
+    def call(self, features):
+        w = tf.reshape(tf.convert_to_tensor(self.kernel), [-1, self.num_classes])
+        return tf.matmul(tf.cast(features, tf.float32), w) + self.bias
+
+    def named_variables(self, prefix: str) -> dict:
+        return {f"{prefix}/kernel": self.kernel, f"{prefix}/bias": self.bias}
+
+
+class _Untracked:
+    """A plain holder that Keras' and TF's attribute tracking ignore (no double tracking of the
+    variables, no cached tf.functions in SavedModels)."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.fns: dict = {}
+
+
+class ResNetV2(keras.Model):
+    """BiT ResNet-v2 for an architecture and a head size.
+
+    `model(x)` gives logits, `model(x, features=True)` the pre-logits; `named_variables` maps the
+    tf2 names of `bit_common.checkpoint` to the variables.
+    """
+
+    def __init__(self, arch: Arch, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.arch, self.num_classes = arch, num_classes
+        self.root_conv = StandardizedConv2D(64 * arch.width, 7, 2, name="root_conv")
+        self.unit_names = []
+        self.units = []
+        for _, name, _, cmid, cout, stride in checkpoint.unit_names(arch):
+            self.unit_names.append(name)
+            self.units.append(Bottleneck(cmid, cout, stride, proj=name.endswith("unit01"),
+                                         name=name.replace("/", "_")))
+        self.pre_head_gn = group_norm("pre_head_gn")
+        self.head = Head(num_classes, name="head")
+        self.build((None, None, None, 3))
+        self._untracked = _Untracked(self._collect_names())
+
+    @property
+    def named_variables(self) -> dict:
+        """{tf2 name (see `checkpoint.framework_key`): variable} for every parameter."""
+        return self._untracked.table
+
+    def build(self, input_shape):
+        # Building once on a tiny input creates every variable with its final shape.
+        if not self.built:
+            self.call(tf.zeros((1, 32, 32, 3), self.compute_dtype))
+            self.built = True
+
+    def call(self, x, features: bool = False):
+        x = tf.cast(x, self.compute_dtype)
+        x = self.root_conv(_pad(x, 3))
+        x = tf.nn.max_pool2d(_pad(x, 1), ksize=3, strides=2, padding="VALID")  # zero pad
+        for unit in self.units:
+            x = unit(x)
+        x = tf.nn.relu(self.pre_head_gn(x))
+        feats = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2])
+        return feats if features else self.head(feats)
+
+    def _collect_names(self) -> dict:
+        names = self.root_conv.named_variables("root_block/standardized_conv2d")
+        for name, unit in zip(self.unit_names, self.units):
+            names.update(unit.named_variables(name))
+        names.update(_gn_vars(self.pre_head_gn, "group_norm"))
+        names.update(self.head.named_variables("head/conv2d"))
+        want = {checkpoint.framework_key(k, FRAMEWORK)
+                for k in checkpoint.expected_shapes(self.arch, self.num_classes)}
+        if set(names) != want:  # a programming error, never a user's
+            raise AssertionError(f"tf2 names differ from bit_common's: "
+                                 f"{sorted(set(names) ^ want)[:5]}")
+        if len({id(v) for v in names.values()}) != len(self.trainable_variables):
+            raise AssertionError("named_variables does not cover every trainable variable")
+        return names
+
+
+# ---- conversion ----------------------------------------------------------------------------
+def from_params(arch: Arch, params: dict[str, np.ndarray]) -> ResNetV2:
+    """A model holding canonical `params` (validated; the head size is read off them).
+
+    Call it inside `strategy.scope()` to get mirrored variables.
+    """
+    if checkpoint.HEAD_BIAS not in params:
+        raise CheckpointError(f"Parameters have no {checkpoint.HEAD_BIAS!r}.")
+    num_classes = int(np.shape(params[checkpoint.HEAD_BIAS])[0])
+    checkpoint.validate(params, arch, num_classes, source="Parameters")
+    model = ResNetV2(arch, num_classes)
+    assign_params(model, params)
+    return model
+
+
+def assign_params(model: ResNetV2, params: dict[str, np.ndarray]) -> None:
+    """Copy canonical `params` into the model's variables."""
+    checkpoint.validate(params, model.arch, model.num_classes, source="Parameters")
+    for name, value in checkpoint.to_framework(params, FRAMEWORK).items():
+        model.named_variables[name].assign(np.asarray(value, np.float32))
+
+
+def to_params(model: ResNetV2) -> dict[str, np.ndarray]:
+    """The model's weights as canonical (released-layout) numpy arrays."""
+    values = {name: np.asarray(v.numpy(), np.float32) for name, v in model.named_variables.items()}
+    return checkpoint.from_framework(values, model.arch, model.num_classes, FRAMEWORK)
+
+
+# ---- the contract --------------------------------------------------------------------------
+def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> ResNetV2:
+    """A model from a released-layout `.npz`; with `num_classes`, a new zero head."""
+    arch, params = checkpoint.load_params(path, num_classes=num_classes)
+    return from_params(arch, params)
+
+
+def save_npz(model: ResNetV2, path: str | os.PathLike) -> None:
+    """Write the model in the released layout (atomically), loadable by every framework."""
+    checkpoint.save_params(to_params(model), path)
+
+
+def _compiled(model: ResNetV2, features: bool, shape: tuple):
+    key = (features, shape)
+    fn = model._untracked.fns.get(key)
+    if fn is None:
+        fn = tf.function(lambda x: model(x, features=features), jit_compile=_jit_inference(),
+                         reduce_retracing=False)
+        model._untracked.fns[key] = fn
+    return fn
+
+
+def _jit_inference() -> bool:
+    # XLA fuses the standardization and group norms on GPUs; on CPU the oneDNN convolutions of
+    # the plain graph are faster (see the README's bench table).
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _run(model: ResNetV2, images: np.ndarray, features: bool, batch_size: int) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be float32 NHWC with 3 channels, got {images.shape}")
+    outs = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        outs.append(_compiled(model, features, chunk.shape)(tf.constant(chunk)).numpy())
+    dim = model.arch.feature_dim if features else model.num_classes
+    return np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, dim), np.float32)
+
+
+def predict(model: ResNetV2, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits [N, C] (float32) of float32 NHWC images in [-1, 1]."""
+    return _run(model, images, False, batch_size)
+
+
+def embed(model: ResNetV2, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Pre-logits [N, 2048 * width] (float32) of float32 NHWC images in [-1, 1]."""
+    return _run(model, images, True, batch_size)
+
+
+class _Serving(tf.Module):
+    """What `export` saves: the model's variables and two signatures, no Python classes."""
+
+    def __init__(self, model: ResNetV2):
+        super().__init__(name="bit_resnet_v2")
+        self.model = model
+        # Plain tf.Variables tracked by name: the SavedModel needs nothing from this package.
+        spec = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+        self.serve = tf.function(lambda images: {"logits": model(images)},
+                                 input_signature=[spec])
+        self.embed = tf.function(lambda images: {"pre_logits": model(images, features=True)},
+                                 input_signature=[spec])
+
+
+def export(model: ResNetV2, path: str | os.PathLike) -> Path:
+    """Write a SavedModel whose `serving_default` maps float32 NHWC images in [-1, 1]
+    (any size, any batch) to `{"logits": [N, C]}`; `embed` gives `{"pre_logits": ...}`.
+
+    `tf.saved_model.load(path)` restores it without this package:
+    `tf.saved_model.load(path).serve(images)["logits"]`.
+    """
+    path = Path(path)
+    module = _Serving(model)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve,
+                                                      "embed": module.embed})
+    return path
