@@ -278,6 +278,9 @@ def _write_config(run_dir: Path, args: argparse.Namespace, setup: RunSetup,
               "num_classes": setup.num_classes, "num_train_examples": setup.plan.num_examples,
               "resize": setup.resize, "crop": setup.crop,
               "mixup_alpha": setup.plan.mixup_alpha,
+              # The few-shot subset (indices into the training split), so runs can be compared.
+              "few_shot_indices": (setup.train_indices.tolist() if args.examples_per_class
+                                   else None),
               "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                            "cpus": os.cpu_count(), "python": platform.python_version()}}
     (run_dir / CONFIG).write_text(json.dumps(config, indent=2, default=str))

@@ -126,6 +126,17 @@ def test_a_run_writes_logs_metrics_checkpoint_and_model(run):
     assert params[HEAD_K].any() and state_of(run_dir)["meta/step"] == 40
     config = json.loads((run_dir / loop.CONFIG).read_text())
     assert (config["framework"], config["num_train_examples"], config["crop"]) == ("numpy", 1437, 128)
+    assert config["few_shot_indices"] is None
+
+
+def test_few_shot_run_records_its_subset(run):
+    code, err, run_dir = run("--steps", "2", "--examples_per_class", "3", "--no-save")
+    assert code == 0, err
+    config = json.loads((run_dir / loop.CONFIG).read_text())
+    labels = load_digits("train").labels
+    assert config["num_train_examples"] == 30
+    assert np.array_equal(np.bincount(labels[config["few_shot_indices"]]), [3] * 10)
+    assert not (run_dir / loop.CHECKPOINT).exists()
 
 
 def test_resume_equals_a_straight_run(run):
