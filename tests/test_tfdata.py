@@ -1,0 +1,307 @@
+"""The shared tf.data pipeline (bit_tf2/data.py, also used by bit_jax): offline and fast."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from bit_common import cli, hyperrule  # noqa: E402
+from bit_common.datasets import Split, get_dataset  # noqa: E402
+from bit_common.errors import DataError  # noqa: E402
+from bit_common.fewshot import sample_few_shot  # noqa: E402
+from bit_common.loop import RunSetup  # noqa: E402
+from bit_common.plan import InputPlan  # noqa: E402
+from bit_common.registry import parse_arch  # noqa: E402
+from bit_tf2 import data  # noqa: E402
+
+
+def make_args(dataset: str, batch: int = 16, **flags) -> argparse.Namespace:
+    args = cli.build_parser("tf2").parse_args(
+        ["--name", "t", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", dataset,
+         "--batch", str(batch), "--workers", "2"])
+    for k, v in flags.items():
+        setattr(args, k, v)
+    return args
+
+
+def make_setup(args: argparse.Namespace, train: Split | None = None, resize: int = 40,
+               crop: int = 32, augment: bool = True, mixup: float | None = None,
+               examples_per_class: int | None = None) -> RunSetup:
+    """A RunSetup built by hand, the way bit_common.loop.Trainer._setup builds it (no params:
+    the input pipeline must not need them)."""
+    info = get_dataset(args.dataset)
+    if train is None:
+        train = data.load_train_split(args, info)
+    if examples_per_class:
+        indices = sample_few_shot(train.labels, examples_per_class, seed=0)
+    else:
+        indices = np.arange(len(train), dtype=np.int64)
+    n = len(indices)
+    alpha = hyperrule.get_mixup(n) if mixup is None else mixup
+    plan = InputPlan(n, args.batch, resize, crop, seed=args.seed, mixup_alpha=alpha,
+                     augment=augment)
+    classes = info.num_classes or len(train.class_names)
+    return RunSetup(args, info, train, indices, classes, parse_arch("R50x1"), {}, plan, resize,
+                    crop)
+
+
+def take(ds: tf.data.Dataset, n: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for i, batch in enumerate(data.batches(ds)):
+        if i == n:
+            break
+        out.append(batch)
+    return out
+
+
+def reference_train(images: np.ndarray, resize: int, crop: int, offsets, flips) -> np.ndarray:
+    """The documented recipe, written out independently with numpy crop/flip."""
+    x = tf.image.resize(tf.cast(images, tf.float32), (resize, resize), method="bilinear",
+                        antialias=True).numpy()
+    out = []
+    for img, (top, left), flip in zip(x, offsets, flips):
+        c = img[top:top + crop, left:left + crop]
+        out.append(c[:, ::-1] if flip else c)
+    return np.stack(out) / np.float32(127.5) - np.float32(1.0)
+
+
+@pytest.fixture(scope="module")
+def digits_args():
+    return make_args("digits", batch=16)
+
+
+@pytest.fixture(scope="module")
+def digits_setup(digits_args):
+    return make_setup(digits_args, mixup=0.1)
+
+
+# ---- digits: the training stream ------------------------------------------------------------
+def test_train_element_shapes_dtypes_range(digits_setup):
+    ds = data.train_dataset(digits_setup, 0)
+    spec = ds.element_spec
+    assert spec["image"].shape == (16, 32, 32, 3) and spec["image"].dtype == tf.float32
+    assert spec["label"].shape == (16,) and spec["label"].dtype == tf.int32
+    assert spec["mixup_lambda"].shape == () and spec["mixup_lambda"].dtype == tf.float32
+    assert spec["mixup_perm"].shape == (16,) and spec["mixup_perm"].dtype == tf.int32
+    assert spec["step"].shape == () and spec["step"].dtype == tf.int64
+    batches = take(ds, 2)
+    for s, b in enumerate(batches):
+        assert b["step"] == s
+        assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+        assert b["image"].min() < -0.99 and b["image"].max() > 0.5  # really the full range
+        bp = digits_setup.plan.batch_plan(s)
+        assert np.isclose(b["mixup_lambda"], bp.mixup_lambda) and b["mixup_lambda"] < 1.0
+        np.testing.assert_array_equal(b["mixup_perm"], bp.mixup_perm)
+
+
+def test_stream_is_a_pure_function_of_the_step(digits_setup):
+    from_zero = take(data.train_dataset(digits_setup, 0), 6)[3:]
+    resumed = take(data.train_dataset(digits_setup, 3), 3)
+    for a, b in zip(from_zero, resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert [int(b["step"]) for b in resumed] == [3, 4, 5]
+
+
+def test_batches_cross_epoch_boundaries(digits_args):
+    setup = make_setup(digits_args, examples_per_class=1, mixup=0.0)  # 10 examples, batch 16
+    for s, b in enumerate(take(data.train_dataset(setup, 0), 3)):
+        want = setup.train.labels[setup.train_indices[setup.plan.indices(s)]]
+        np.testing.assert_array_equal(b["label"], want)
+
+
+def test_few_shot_indices_honoured(digits_args):
+    setup = make_setup(digits_args, examples_per_class=5)
+    assert len(setup.train_indices) == 50
+    for s, b in enumerate(take(data.train_dataset(setup, 0), 4)):
+        idx = setup.train_indices[setup.plan.indices(s)]
+        np.testing.assert_array_equal(b["label"], setup.train.labels[idx])
+        bp = setup.plan.batch_plan(s)
+        want = reference_train(setup.train.images[idx], 40, 32, bp.offsets, bp.flips)
+        np.testing.assert_allclose(b["image"], want, atol=1e-6)
+
+
+def test_crops_and_flips_honoured(digits_setup):
+    plan = digits_setup.plan
+    (b,) = take(data.train_dataset(digits_setup, 7), 1)
+    bp = plan.batch_plan(7)
+    assert bp.flips.any() and not bp.flips.all() and len(np.unique(bp.offsets)) > 1
+    images = digits_setup.train.images[digits_setup.train_indices[bp.indices]]
+    want = reference_train(images, plan.resize, plan.crop, bp.offsets, bp.flips)
+    np.testing.assert_allclose(b["image"], want, atol=1e-6)
+    # The numpy convenience runs the very same ops as the dataset.
+    same = data.preprocess_train(images, plan.resize, plan.crop, bp.offsets, bp.flips)
+    np.testing.assert_array_equal(b["image"], same)
+
+
+def test_no_augment_equals_eval_preprocessing(digits_args):
+    setup = make_setup(digits_args, augment=False)
+    (b,) = take(data.train_dataset(setup, 2), 1)
+    bp = setup.plan.batch_plan(2)
+    assert b["mixup_lambda"] == 1.0 and not bp.flips.any()
+    np.testing.assert_array_equal(b["mixup_perm"], np.arange(16))
+    images = setup.train.images[setup.train_indices[bp.indices]]
+    np.testing.assert_array_equal(b["image"], data.preprocess_eval(images, 32))
+
+
+def test_shards_keep_mixup_partners_in_their_slice(digits_setup):
+    (b,) = take(data.train_dataset(digits_setup, 0, shards=4), 1)
+    perm = b["mixup_perm"].reshape(4, 4)
+    for s in range(4):
+        assert sorted(perm[s]) == list(range(4 * s, 4 * s + 4))
+    with pytest.raises(DataError, match="cannot be split"):
+        data.train_dataset(digits_setup, 0, shards=3)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def test_eval_covers_every_example_once_with_mask(digits_setup):
+    split = data.load_eval_split(digits_setup.args, digits_setup.dataset)
+    assert len(split) == 360
+    batches = list(data.batches(data.eval_dataset(digits_setup, 50)))
+    assert len(batches) == 8  # 7 full + 1 padded to 50
+    for b in batches:
+        assert b["image"].shape == (50, 32, 32, 3) and b["label"].dtype == np.int32
+        assert b["mask"].dtype == np.float32
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 360 and (mask[:360] == 1).all() and (mask[360:] == 0).all()
+    labels = np.concatenate([b["label"] for b in batches])[:360]
+    np.testing.assert_array_equal(labels, split.labels)
+    images = np.concatenate([b["image"] for b in batches])
+    np.testing.assert_array_equal(images[:360], data.preprocess_eval(split.images, 32))
+    assert (images[360:] == 0).all()
+
+
+def test_preprocess_grayscale_and_range():
+    gray = np.random.default_rng(0).integers(0, 256, (2, 9, 7), dtype=np.uint8)
+    out = data.preprocess_eval(gray, 5)
+    rgb = data.preprocess_eval(np.repeat(gray[..., None], 3, -1), 5)
+    assert out.shape == (2, 5, 5, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, rgb)
+    const = data.preprocess_eval(np.full((1, 4, 4, 3), 255, np.uint8), 8)
+    np.testing.assert_allclose(const, 1.0, atol=1e-6)
+    with pytest.raises(DataError, match="Crop offsets"):
+        data.preprocess_train(np.zeros((1, 4, 4, 3), np.uint8), 10, 8, [[0, 3]], [False])
+
+
+# ---- imagefolder ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """train/ and val/ with two classes of small PNG (RGB and grayscale) and JPEG files."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 6), ("val", 3)):
+        for c, name in enumerate(("cat", "dog")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = 20 + 3 * i, 30 - 2 * i
+                if i % 3 == 0:
+                    img = rng.integers(0, 256, (h, w, 1), dtype=np.uint8)
+                    (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+                elif i % 3 == 1:
+                    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                    (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+                else:
+                    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                    (d / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(img).numpy())
+            (d / "notes.txt").write_text("not an image")
+    return root
+
+
+def _decode(path: str) -> np.ndarray:
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
+
+
+def test_imagefolder_train_and_eval(image_folder):
+    args = make_args("imagefolder", batch=8, datadir=str(image_folder))
+    setup = make_setup(args, resize=24, crop=16)
+    assert setup.train.class_names == ["cat", "dog"] and len(setup.train) == 12
+    assert not any(p.endswith(".txt") for p in setup.train.paths)  # skipped by the scan
+    for s, b in enumerate(take(data.train_dataset(setup, 0), 2)):
+        bp = setup.plan.batch_plan(s)
+        idx = setup.train_indices[bp.indices]
+        np.testing.assert_array_equal(b["label"], setup.train.labels[idx])
+        want = np.concatenate([data.preprocess_train(_decode(setup.train.paths[i])[None], 24, 16,
+                                                     bp.offsets[j:j + 1], bp.flips[j:j + 1])
+                               for j, i in enumerate(idx)])
+        np.testing.assert_array_equal(b["image"], want)
+    split = data.load_eval_split(args, setup.dataset)
+    batches = list(data.batches(data.eval_dataset(setup, 4)))
+    assert len(batches) == 2 and np.concatenate([b["mask"] for b in batches]).sum() == 6
+    got = np.concatenate([b["image"] for b in batches])[:6]
+    want = np.concatenate([data.preprocess_eval(_decode(p)[None], 16) for p in split.paths])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:6], split.labels)
+
+
+def test_unreadable_image_error_names_the_file(image_folder, tmp_path):
+    root = tmp_path / "bad"
+    for split in ("train", "val"):
+        d = root / split / "only"
+        d.mkdir(parents=True)
+        (d / "good.png").write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
+    bad = root / "train" / "only" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)  # JPEG magic, then nonsense
+    args = make_args("imagefolder", batch=2, datadir=str(root))
+    setup = make_setup(args, resize=10, crop=8)
+    ds = data.train_dataset(setup, 0)
+    with pytest.raises(DataError, match="broken.jpg") as e:
+        take(ds, 2)
+    assert str(bad) in str(e.value) and "Replace or remove" in str(e.value)
+    # Iterated directly, the TensorFlow error still names the file.
+    with pytest.raises(tf.errors.OpError, match="broken.jpg"):
+        for _ in ds.take(2):
+            pass
+
+
+def test_imagefolder_needs_datadir_folders(tmp_path):
+    args = make_args("imagefolder", datadir=str(tmp_path))
+    with pytest.raises(DataError, match="train"):
+        data.load_train_split(args, get_dataset("imagefolder"))
+
+
+def test_imagenet_from_folders(image_folder):
+    args = make_args("imagenet2012", batch=4, datadir=str(image_folder))
+    split = data.load_train_split(args, get_dataset("imagenet2012"))
+    assert split.paths is not None and len(split) == 12
+    assert len(data.load_eval_split(args, get_dataset("imagenet2012"))) == 6
+
+
+# ---- tfds, offline through tfds' mock data -----------------------------------------------------
+def test_tfds_cifar10_mocked(tmp_path, monkeypatch):
+    args = make_args("cifar10", batch=8, datadir=str(tmp_path))
+    info = get_dataset("cifar10")
+    with tfds.testing.mock_data(num_examples=40):
+        train = data.load_train_split(args, info)
+        assert isinstance(train, data.TfdsSplit) and len(train) == 40
+        assert train.images is None and train.paths is None and train.encoded is not None
+        assert train.labels.dtype == np.int64 and train.labels.max() < 10
+        assert len(train.class_names) == 10
+        setup = make_setup(args, train, resize=40, crop=32)
+        stream = take(data.train_dataset(setup, 0), 3)
+        decoded = np.stack([tf.io.decode_image(b).numpy() for b in train.encoded])
+        for s, b in enumerate(stream):
+            bp = setup.plan.batch_plan(s)
+            idx = setup.train_indices[bp.indices]
+            np.testing.assert_array_equal(b["label"], train.labels[idx])
+            want = data.preprocess_train(decoded[idx], 40, 32, bp.offsets, bp.flips)
+            np.testing.assert_array_equal(b["image"], want)
+        batches = list(data.batches(data.eval_dataset(setup, 16)))
+        assert np.concatenate([b["mask"] for b in batches]).sum() == 40
+        # A split too large for memory: ArrayRecord random access (mocked) and in-order streaming.
+        monkeypatch.setattr(data, "IN_MEMORY_BYTES", -1)
+        big = data.load_train_split(args, info)
+        assert big.encoded is None
+        np.testing.assert_array_equal(big.labels, train.labels)
+        big_setup = make_setup(args, big, resize=40, crop=32)
+        (b,) = take(data.train_dataset(big_setup, 0), 1)
+        assert b["image"].shape == (8, 32, 32, 3)
+        np.testing.assert_array_equal(b["label"], big.labels[big_setup.plan.indices(0)])
+        streamed = list(data.batches(data.eval_dataset(big_setup, 16)))
+        assert np.concatenate([b["mask"] for b in streamed]).sum() == 40
