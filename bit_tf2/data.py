@@ -307,7 +307,7 @@ def _large_tfds_source(split: TfdsSplit, needed: np.ndarray | None, what: str) -
     return _Source(lambda i: _decode_bytes(tf.gather(enc, i)), kept)
 
 
-# ---- the preprocessing ops (shared by the datasets and the numpy conveniences) ---------------------
+# ---- the preprocessing ops (shared by the datasets and the numpy conveniences) --------------
 def _train_image(image: tf.Tensor, resize: int, crop: int, offset: tf.Tensor,
                  flip: tf.Tensor) -> tf.Tensor:
     x = tf.cast(image, tf.float32)

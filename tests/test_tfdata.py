@@ -305,3 +305,30 @@ def test_tfds_cifar10_mocked(tmp_path, monkeypatch):
         np.testing.assert_array_equal(b["label"], big.labels[big_setup.plan.indices(0)])
         streamed = list(data.batches(data.eval_dataset(big_setup, 16)))
         assert np.concatenate([b["mask"] for b in streamed]).sum() == 40
+
+
+def test_tfds_large_tfrecord_split_gathers_only_the_few_shot_subset(tmp_path, monkeypatch):
+    """No ArrayRecord files: the encoded images of just the needed examples are read in one
+    pass; a subset too large for memory is a DataError that says what to do."""
+    args = make_args("cifar10", batch=4, datadir=str(tmp_path))
+    info = get_dataset("cifar10")
+    with tfds.testing.mock_data(num_examples=60):
+        small = data.load_train_split(args, info)
+        monkeypatch.setattr(data, "IN_MEMORY_BYTES", -1)
+        big = data.load_train_split(args, info)
+
+        def no_random_access(*a, **k):
+            raise NotImplementedError("prepared as tfrecord")
+
+        monkeypatch.setattr(big.builder, "as_data_source", no_random_access)
+        with pytest.raises(DataError, match="array_record"):
+            data.train_dataset(make_setup(args, big, resize=40, crop=32), 0)
+        monkeypatch.setattr(data, "IN_MEMORY_BYTES", 4 << 30)
+        setup = make_setup(args, big, resize=40, crop=32, examples_per_class=1)
+        decoded = np.stack([tf.io.decode_image(b).numpy() for b in small.encoded])
+        for s, b in enumerate(take(data.train_dataset(setup, 0), 3)):
+            bp = setup.plan.batch_plan(s)
+            idx = setup.train_indices[bp.indices]
+            np.testing.assert_array_equal(b["label"], small.labels[idx])
+            np.testing.assert_array_equal(
+                b["image"], data.preprocess_train(decoded[idx], 40, 32, bp.offsets, bp.flips))
