@@ -103,7 +103,7 @@ def _looks_like_image(path: Path) -> bool:
 
 
 def scan_image_folder(datadir: str | Path, split: str,
-                      class_names: list[str] | None = None, warn=sys.stderr) -> Split:
+                      class_names: list[str] | None = None, warn=None) -> Split:
     """Paths and labels of `<datadir>/<split>/<class>/<image>`; sorted class names give labels.
 
     Files that are not images (by extension and magic bytes) are skipped with a warning naming
@@ -135,7 +135,7 @@ def scan_image_folder(datadir: str | Path, split: str,
         paths += [str(p) for p in images]
         labels += [label] * len(images)
     for p in skipped:
-        warn.write(f"warning: skipping {p}: not a JPEG/PNG/BMP/GIF/WebP image\n")
+        (warn or sys.stderr).write(f"warning: skipping {p}: not a JPEG/PNG/BMP/GIF/WebP image\n")
     return Split(np.asarray(labels, np.int64), None, paths, list(class_names))
 
 

@@ -212,3 +212,11 @@ def readme_cli_block() -> str:
 
 def test_readme_cli_reference_matches_the_parser():
     assert readme_cli_block() == cli.build_parser("<framework>").format_help().rstrip()
+
+
+def test_forward_flops_of_r50_match_the_known_4_1_gmacs():
+    from bit_common.flops import forward_flops, train_flops
+    r50 = registry.parse_arch("R50x1")
+    assert forward_flops(r50, 224, 224) / 2 == pytest.approx(4.09e9, rel=0.01)
+    assert train_flops(r50, 128, 128) == 3 * forward_flops(r50, 128, 128)
+    assert forward_flops(registry.parse_arch("R50x3"), 224, 224) > 8 * forward_flops(r50, 224, 224)
