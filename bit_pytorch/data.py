@@ -1,0 +1,310 @@
+"""The torchvision input pipeline, driven step by step by bit_common's InputPlan.
+
+Which examples a step trains on, where each is cropped and whether it is flipped come from
+`plan.batch_plan(step)`, a pure function of the step: the pipeline has no state of its own, and
+resuming at step `s` needs only `s`. DataLoader workers prepare whole steps in parallel (a batch
+sampler yields one list of `(step, row)` items per step); pinned memory feeds a GPU.
+
+Preprocessing, identical in spirit and arithmetic to the tf.data pipelines of bit_jax / bit_tf2:
+
+    uint8 HWC -> float32 -> bilinear resize (antialias) to (R, R) -> crop [top:top+c, left:left+c]
+    -> horizontal flip if planned -> x / 127.5 - 1
+
+Evaluation resizes straight to (c, c). No rounding back to uint8 anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from bit_common import datasets
+from bit_common.datasets import DatasetInfo, Split
+from bit_common.errors import BiTError, DataError
+from bit_common.plan import InputPlan
+
+DEFAULT_DATADIR = os.path.join("~", ".cache", "bit_datasets")
+
+
+# ---- splits: labels plus images (arrays) or paths; labels never need a decoded image ---------
+def _root(args: argparse.Namespace) -> Path:
+    return Path(os.path.expanduser(args.datadir or DEFAULT_DATADIR))
+
+
+def _torchvision(cls, root: Path, **kwargs):
+    """A torchvision dataset from `root`, downloaded there only when it is not present yet."""
+    try:
+        return cls(str(root), download=False, **kwargs)
+    except RuntimeError:
+        pass  # not there (or corrupt): download
+    try:
+        return cls(str(root), download=True, **kwargs)
+    except Exception as e:  # offline, disk full, server gone ...
+        raise DataError(
+            f"{cls.__name__} is not in {root} and could not be downloaded there "
+            f"({type(e).__name__}: {e}). Download it on a machine with network access and "
+            f"copy it into --datadir {root}.") from None
+
+
+def _cifar(args: argparse.Namespace, info: DatasetInfo, train: bool) -> Split:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if info.name == "cifar10" else CIFAR100
+    ds = _torchvision(cls, _root(args), train=train)
+    return Split(np.asarray(ds.targets, np.int64), np.asarray(ds.data, np.uint8), None,
+                 list(ds.classes))
+
+
+def _pet(args: argparse.Namespace, split: str) -> Split:
+    from torchvision.datasets import OxfordIIITPet
+
+    ds = _torchvision(OxfordIIITPet, _root(args), split=split, target_types="category")
+    return Split(np.asarray(ds._labels, np.int64), None, [str(p) for p in ds._images],
+                 list(ds.classes))
+
+
+def _flowers(args: argparse.Namespace, split: str) -> Split:
+    from torchvision.datasets import Flowers102
+
+    ds = _torchvision(Flowers102, _root(args), split=split)
+    return Split(np.asarray(ds._labels, np.int64), None, [str(p) for p in ds._image_files],
+                 [str(i) for i in range(102)])
+
+
+def _folder_root(args: argparse.Namespace, info: DatasetInfo) -> str:
+    if not args.datadir:
+        raise BiTError(f"--dataset {info.name} needs --datadir (the folder holding "
+                       f"train/<class>/ and val/<class>/).")
+    return args.datadir
+
+
+def load_train_split(args: argparse.Namespace, info: DatasetInfo) -> Split:
+    """The full training split of `--dataset` (labels, and images or image paths)."""
+    name = info.name
+    if name in ("cifar10", "cifar100"):
+        return _cifar(args, info, train=True)
+    if name == "oxford_iiit_pet":
+        return _pet(args, "trainval")
+    if name == "oxford_flowers102":
+        return _flowers(args, "train")
+    if name in ("imagenet2012", "imagefolder"):
+        return datasets.scan_image_folder(_folder_root(args, info), "train")
+    if name == "digits":
+        return datasets.load_digits("train")
+    raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
+
+
+def load_eval_split(args: argparse.Namespace, info: DatasetInfo, train: Split) -> Split:
+    """The evaluation split (cifar/pet/flowers/digits: test; imagenet2012/imagefolder: val/)."""
+    name = info.name
+    if name in ("cifar10", "cifar100"):
+        return _cifar(args, info, train=False)
+    if name == "oxford_iiit_pet":
+        return _pet(args, "test")
+    if name == "oxford_flowers102":
+        return _flowers(args, "test")
+    if name in ("imagenet2012", "imagefolder"):
+        return datasets.scan_image_folder(_folder_root(args, info), "val",
+                                          class_names=train.class_names)
+    if name == "digits":
+        return datasets.load_digits("test")
+    raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
+
+
+# ---- preprocessing ----------------------------------------------------------------------------
+def decode(path: str) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def resize(image: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW resized to (size, size), bilinear with antialiasing."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    if tuple(x.shape[1:]) == (size, size):
+        return x.contiguous()
+    return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def preprocess_train(image: np.ndarray, resize_to: int, crop: int, top: int, left: int,
+                     flip: bool) -> torch.Tensor:
+    """Resize, crop at (top, left), flip if asked, scale to [-1, 1]: float32 CHW."""
+    x = resize(image, resize_to)[:, top:top + crop, left:left + crop]
+    if flip:
+        x = x.flip(-1)
+    return (x / 127.5 - 1.0).contiguous()
+
+
+def preprocess_eval(image: np.ndarray, crop: int) -> torch.Tensor:
+    """Resize straight to (crop, crop), scale to [-1, 1]: float32 CHW."""
+    return (resize(image, crop) / 127.5 - 1.0).contiguous()
+
+
+class _SplitImages:
+    """Image `i` of a Split as uint8 HWC, decoded from its file when the split holds paths."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self.split.images is not None:
+            return self.split.images[i]
+        path = self.split.paths[i]
+        try:
+            return decode(path)
+        except Exception as e:  # reported in the main process as a DataError naming the file
+            raise _Unreadable(f"Cannot decode image {path} ({type(e).__name__}: {e}). "
+                              f"Remove or replace the file.") from None
+
+
+class _Unreadable(Exception):
+    pass
+
+
+# ---- training: one DataLoader batch per optimizer step ------------------------------------------
+@dataclass
+class TrainBatch:
+    """The rows of one step's global batch that this process trains on."""
+
+    step: int
+    images: torch.Tensor     # float32 [b, 3, crop, crop]
+    labels: torch.Tensor     # int64 [b]
+    mixup_lambda: float
+    mixup_perm: torch.Tensor  # int64 [b], indices into this process's rows
+
+
+class TrainDataset(Dataset):
+    """Items are `(step, row)`: row `row` of the global batch of `step`, as the plan says."""
+
+    def __init__(self, split: Split, train_indices: np.ndarray, plan: InputPlan):
+        self.images, self.labels = _SplitImages(split), split.labels
+        self.train_indices, self.plan = np.asarray(train_indices), plan
+        self._cache: dict[int, object] = {}
+
+    def batch_plan(self, step: int):
+        bp = self._cache.get(step)
+        if bp is None:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            bp = self._cache[step] = self.plan.batch_plan(step)
+        return bp
+
+    def __len__(self) -> int:
+        return self.plan.num_examples
+
+    def __getitem__(self, item: tuple[int, int]):
+        step, row = item
+        bp = self.batch_plan(step)
+        i = int(self.train_indices[bp.indices[row]])
+        resize_to, crop = self.plan.train_size
+        try:
+            image = self.images(i)
+        except _Unreadable as e:
+            return None, 0, str(e)
+        top, left = (int(v) for v in bp.offsets[row])
+        x = preprocess_train(image, resize_to, crop, top, left, bool(bp.flips[row]))
+        return x, int(self.labels[i]), None
+
+
+class StepSampler(Sampler):
+    """Yields, for every step from `start` to `end`, the list of this process's `(step, row)`."""
+
+    def __init__(self, start: int, end: int, rows: Sequence[int]):
+        self.start, self.end, self.rows = start, end, list(rows)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield [(step, r) for r in self.rows]
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+
+def _collate(items):
+    errors = [e for _, _, e in items if e]
+    if errors:
+        return {"error": errors[0]}
+    return {"images": torch.stack([x for x, _, _ in items]),
+            "labels": torch.tensor([y for _, y, _ in items], dtype=torch.int64)}
+
+
+def _check(batch: dict) -> dict:
+    if "error" in batch:
+        raise DataError(batch["error"])
+    return batch
+
+
+def train_batches(split: Split, train_indices: np.ndarray, plan: InputPlan, start: int,
+                  end: int, rows: range, workers: int, pin_memory: bool = False
+                  ) -> Iterator[TrainBatch]:
+    """Batches of steps start..end-1, restricted to global-batch `rows` (this process's slice).
+
+    `plan.shards` must keep every mixup partner inside `rows` (one shard per process).
+    """
+    dataset = TrainDataset(split, train_indices, plan)
+    loader = DataLoader(dataset, batch_sampler=StepSampler(start, end, rows),
+                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                        prefetch_factor=2 if workers else None)
+    first = rows.start
+    for step, batch in zip(range(start, end), loader):
+        batch = _check(batch)
+        bp = plan.batch_plan(step)
+        perm = torch.from_numpy(bp.mixup_perm[rows.start:rows.stop] - first)
+        yield TrainBatch(step, batch["images"], batch["labels"], bp.mixup_lambda, perm)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+class EvalDataset(Dataset):
+    def __init__(self, split: Split, crop: int):
+        self.images, self.labels, self.crop = _SplitImages(split), split.labels, crop
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.images(i)
+        except _Unreadable as e:
+            return None, 0, str(e)
+        return preprocess_eval(image, self.crop), int(self.labels[i]), None
+
+
+class _Chunks(Sampler):
+    def __init__(self, rows: range, batch: int):
+        self.rows, self.batch = rows, batch
+
+    def __iter__(self):
+        for i in range(self.rows.start, self.rows.stop, self.batch):
+            yield list(range(i, min(i + self.batch, self.rows.stop)))
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch)
+
+
+def eval_batches(split: Split, crop: int, batch: int, rows: range, workers: int,
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) over `rows` of the evaluation split, the last batch possibly smaller."""
+    loader = DataLoader(EvalDataset(split, crop), batch_sampler=_Chunks(rows, batch),
+                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                        prefetch_factor=2 if workers else None)
+    for b in loader:
+        b = _check(b)
+        yield b["images"], b["labels"]
+
+
+def shard_rows(total: int, rank: int, world: int) -> range:
+    """This process's contiguous slice of `total` rows (sizes differ by at most one)."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))

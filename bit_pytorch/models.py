@@ -1,0 +1,266 @@
+"""BiT's ResNet-v2 in PyTorch: weight-standardized convs, GroupNorm(32), pre-activation units.
+
+The module tree is shaped so that `state_dict()` keys are exactly the names
+`bit_common.checkpoint.framework_key(key, "pytorch")` gives the released parameters
+(`root.conv.weight`, `body.block1.unit01.gn1.weight`, ..., `head.conv.bias`); this file holds no
+parameter names of its own. Kernels are OIHW here, HWIO in the files; `bit_common` converts.
+
+The contract shared with bit_jax and bit_tf2:
+
+    m = load_npz(path)                  # architecture inferred from the file; its own head
+    m = load_npz(path, num_classes=10)  # the fine-tuning start: a new zero head
+    y = predict(m, images)              # np.float32 NHWC in [-1, 1] -> np.float32 logits [N, C]
+    f = embed(m, images)                # pre-logits [N, 2048 * width]
+    save_npz(m, path)                   # back to the released layout
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bit_common import checkpoint
+from bit_common.checkpoint import HEAD_BIAS
+from bit_common.errors import CheckpointError
+from bit_common.registry import Arch
+
+GN_GROUPS = 32
+GN_EPS = 1e-5
+WS_EPS = 1e-10
+PREDICT_BATCH = 64  # predict/embed run in chunks of this many images to bound memory
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d whose kernel is standardized over (I, H, W) per output channel on every call.
+
+    `(w - mean) / sqrt(var + 1e-10)` with the biased variance, computed by one `batch_norm` over
+    the kernel viewed as (1, O, I*H*W) (the same arithmetic, one fused kernel).
+    """
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        flat = w.reshape(1, self.out_channels, -1)
+        return F.batch_norm(flat, None, None, training=True, momentum=0.0,
+                            eps=WS_EPS).reshape_as(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> StdConv2d:
+    return StdConv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GN_GROUPS, channels, eps=GN_EPS)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck: the projection sees relu(gn1(x)); the stride is on conv2."""
+
+    def __init__(self, cin: int, cmid: int, cout: int, stride: int, projection: bool):
+        super().__init__()
+        self.gn1 = _gn(cin)
+        self.conv1 = _conv(cin, cmid, 1)
+        self.gn2 = _gn(cmid)
+        self.conv2 = _conv(cmid, cmid, 3, stride=stride, padding=1)
+        self.gn3 = _gn(cmid)
+        self.conv3 = _conv(cmid, cout, 1)
+        if projection:
+            self.downsample = _conv(cin, cout, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.gn1(x))
+        shortcut = self.downsample(a) if hasattr(self, "downsample") else x
+        out = self.conv1(a)
+        out = self.conv2(F.relu(self.gn2(out)))
+        out = self.conv3(F.relu(self.gn3(out)))
+        return out + shortcut
+
+
+class _ZeroPad(nn.Module):
+    """Constant-zero padding on all four sides (the root's max pool pads with zeros, not -inf)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (self.pad,) * 4, mode="constant", value=0.0)
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}"
+
+
+class _Head(nn.Module):
+    """relu(gn(x)) -> global average pool -> 1x1 conv with bias (a dense layer)."""
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.gn = _gn(features)
+        self.conv = nn.Conv2d(features, num_classes, 1, bias=True)
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.gn(x)).mean(dim=(2, 3), keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pre_logits(x)).flatten(1)
+
+
+class ResNetV2(nn.Module):
+    """BiT ResNet-v2 of one architecture (`bit_common.registry.Arch`), NCHW in, logits out."""
+
+    def __init__(self, arch: Arch, num_classes: int):
+        super().__init__()
+        self.arch, self.num_classes = arch, num_classes
+        wf = arch.width
+        self.root = nn.Sequential(OrderedDict(
+            pad=_ZeroPad(3),
+            conv=_conv(3, 64 * wf, 7, stride=2),
+            pool_pad=_ZeroPad(1),
+            pool=nn.MaxPool2d(kernel_size=3, stride=2),
+        ))
+        blocks: OrderedDict[str, nn.Sequential] = OrderedDict()
+        for b, name, cin, cmid, cout, stride in checkpoint.unit_names(arch):
+            block, unit = name.split("/")
+            blocks.setdefault(block, nn.Sequential())
+            blocks[block].add_module(unit, PreActBottleneck(cin, cmid, cout, stride,
+                                                            projection=unit.endswith("01")))
+        self.body = nn.Sequential(blocks)
+        self.head = _Head(arch.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.root(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits [N, 2048 * width]."""
+        return self.head.pre_logits(self.features(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+# ---- canonical parameters <-> model --------------------------------------------------------
+def from_params(arch: Arch, params: Mapping[str, np.ndarray],
+                device: torch.device | str | None = None) -> ResNetV2:
+    """A model holding canonical (released-layout) `params`, validated first.
+
+    The head size is read off the params. A mismatch raises CheckpointError before any model
+    exists, so there is never a half-loaded model.
+    """
+    if HEAD_BIAS not in params:
+        raise CheckpointError(f"The parameters have no {HEAD_BIAS!r}; they are not a BiT "
+                              f"ResNet-v2 checkpoint.")
+    num_classes = int(params[HEAD_BIAS].shape[0])
+    checkpoint.validate(params, arch, num_classes, source="The parameters")
+    state = {k: torch.tensor(np.asarray(v, np.float32))
+             for k, v in checkpoint.to_framework(params, "pytorch").items()}
+    with torch.device("meta"):  # no wasted random init: the weights arrive next
+        model = ResNetV2(arch, num_classes)
+    model.load_state_dict(state, strict=True, assign=True)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def framework_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """{state_dict key: float32 numpy array} of a model (unwraps DDP / torch.compile)."""
+    model = unwrap(model)
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def to_params(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters under canonical names, in the released (HWIO) layout."""
+    m = unwrap(model)
+    return checkpoint.from_framework(framework_state(m), m.arch, m.num_classes, "pytorch")
+
+
+def unwrap(model: nn.Module) -> ResNetV2:
+    """The ResNetV2 inside a DistributedDataParallel or compiled wrapper."""
+    while not isinstance(model, ResNetV2):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"Not a BiT ResNetV2 model: {type(model).__name__}")
+        model = inner
+    return model
+
+
+# ---- the contract ----------------------------------------------------------------------------
+def load_npz(path: str | os.PathLike, num_classes: int | None = None,
+             device: torch.device | str | None = None) -> ResNetV2:
+    """Load a released-layout `.npz`; with `num_classes`, a new zero head of that size."""
+    arch, params = checkpoint.load_params(path, num_classes=num_classes)
+    return from_params(arch, params, device=device)
+
+
+def save_npz(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model in the released layout (atomically), loadable by all three frameworks."""
+    checkpoint.save_params(to_params(model), path)
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Run CUDA convolutions and matmuls in true float32 (TF32 off), restoring the flags after."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's convolution kernels are stored that way, else contiguous."""
+    w = unwrap(model).root.conv.weight
+    cl = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def nhwc_to_tensor(images: np.ndarray, device: torch.device,
+                   fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """float32 NHWC numpy -> an NCHW tensor on `device` in memory format `fmt`."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be float32 NHWC with 3 channels, got shape {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # channels_last view
+    return x.to(device).contiguous(memory_format=fmt)
+
+
+def _run(model: nn.Module, images: np.ndarray, embed_only: bool) -> np.ndarray:
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    device = next(m.parameters()).device
+    fmt = memory_format(m)  # on CPU, contiguous NCHW is the more accurate oneDNN path
+    outs = []
+    try:
+        with torch.inference_mode(), full_fp32():
+            for i in range(0, len(images), PREDICT_BATCH):
+                x = nhwc_to_tensor(images[i:i + PREDICT_BATCH], device, fmt)
+                y = m.embed(x) if embed_only else m(x)
+                outs.append(y.float().cpu().numpy())
+    finally:
+        m.train(was_training)
+    width = m.arch.feature_dim if embed_only else m.num_classes
+    return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+
+
+def predict(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """np.float32 NHWC images in [-1, 1] -> np.float32 logits [N, C]."""
+    return _run(model, images, embed_only=False)
+
+
+def embed(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """np.float32 NHWC images in [-1, 1] -> np.float32 pre-logits [N, 2048 * width]."""
+    return _run(model, images, embed_only=True)
