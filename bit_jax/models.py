@@ -1,0 +1,308 @@
+"""BiT ResNet-v2 (GroupNorm + Weight Standardization) in flax linen, and the package contract.
+
+The computation follows the released weights exactly (see checkpoint-format.md): NHWC, explicit
+symmetric padding (never "SAME", which pads stride-2 convolutions asymmetrically), a zero-padded
+max pool, weight standardization over H, W, I with the biased variance and eps 1e-10, group norm
+with 32 groups and eps 1e-5, pre-activation bottlenecks with the stride on the 3x3 convolution.
+
+Parameter paths joined by '/' are `bit_common.checkpoint.framework_key(key, "jax")`, so
+`checkpoint.to_framework` / `from_framework` convert to and from the released layout; this module
+holds no parameter names of its own beyond the flax module names that produce those paths.
+
+    from bit_jax import models
+    m = models.load_npz("BiT-M-R50x1.npz", num_classes=10)
+    logits = models.predict(m, images)   # float32 NHWC in [-1, 1] -> float32 [N, C]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax import lax
+
+from bit_common import checkpoint
+from bit_common.errors import BiTError
+from bit_common.registry import Arch
+
+FRAMEWORK = "jax"
+GN_GROUPS, GN_EPS, WS_EPS = 32, 1e-5, 1e-10
+
+# Parameters always stay float32; `dtype` is the compute dtype (bfloat16 for mixed precision).
+Dtype = Any
+
+
+def _precision(dtype: Dtype) -> lax.Precision:
+    """Full float32 matmuls/convolutions (no TF32 on GPU) unless computing in a low precision."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+class StdConv(nn.Module):
+    """A bias-free convolution whose HWIO kernel is standardized over H, W, I."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        w = self.param("kernel", nn.initializers.he_normal(), (k, k, x.shape[-1], self.features),
+                       jnp.float32)
+        mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+        var = jnp.mean(jnp.square(w - mean), axis=(0, 1, 2), keepdims=True)  # biased
+        w = (w - mean) * lax.rsqrt(var + WS_EPS)
+        p = self.padding
+        return lax.conv_general_dilated(
+            x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
+            [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=_precision(self.dtype))
+
+
+class GroupNorm(nn.Module):
+    """Group norm (32 groups, eps 1e-5) with per-channel scale and bias; statistics in float32."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], GN_GROUPS, c // GN_GROUPS)
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean = jnp.mean(xg, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+        y = ((xg - mean) * lax.rsqrt(var + GN_EPS)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class Conv(nn.Module):
+    """A module holding one standardized convolution (`root_block`, `proj`)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return StdConv(self.features, self.kernel_size, self.stride, self.padding, self.dtype,
+                       name="standardized_conv2d")(x)
+
+
+class PreActConv(nn.Module):
+    """`relu(group_norm(x))` then a standardized conv; with `proj_features`, also the shortcut
+    projection of the pre-activated input. Named `a`, `b` or `c` inside a unit."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    proj_features: int | None = None
+    proj_stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        a = nn.relu(GroupNorm(self.dtype, name="group_norm")(x))
+        shortcut = None
+        if self.proj_features is not None:
+            shortcut = Conv(self.proj_features, 1, self.proj_stride, 0, self.dtype,
+                            name="proj")(a)
+        y = StdConv(self.features, self.kernel_size, self.stride, self.kernel_size // 2,
+                    self.dtype, name="standardized_conv2d")(a)
+        return y, shortcut
+
+
+class Unit(nn.Module):
+    """Pre-activation bottleneck: the stride is on the 3x3 convolution."""
+
+    cmid: int
+    cout: int
+    stride: int
+    proj: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y, shortcut = PreActConv(self.cmid, 1, 1, self.cout if self.proj else None, self.stride,
+                                 self.dtype, name="a")(x)
+        y, _ = PreActConv(self.cmid, 3, self.stride, dtype=self.dtype, name="b")(y)
+        y, _ = PreActConv(self.cout, 1, 1, dtype=self.dtype, name="c")(y)
+        return y + (x if shortcut is None else shortcut)
+
+
+class Block(nn.Module):
+    num_units: int
+    cmid: int
+    stride: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for u in range(1, self.num_units + 1):
+            x = Unit(self.cmid, 4 * self.cmid, self.stride if u == 1 else 1, u == 1, self.dtype,
+                     name=f"unit{u:02d}")(x)
+        return x
+
+
+class Head(nn.Module):
+    """The classifier: a 1x1 convolution with bias on the pooled features (kernel (1,1,C,K))."""
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _Conv1x1(self.num_classes, self.dtype, name="conv2d")(x)
+
+
+class _Conv1x1(nn.Module):
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.param("kernel", nn.initializers.zeros, (1, 1, x.shape[-1], self.features),
+                       jnp.float32)
+        b = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), k[0, 0].astype(self.dtype),
+                    precision=_precision(self.dtype))
+        return y.astype(jnp.float32) + b
+
+
+class ResNetV2(nn.Module):
+    """BiT ResNet-v2: logits, or with `pre_logits=True` the pooled features (both float32)."""
+
+    depth: int
+    width: int
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        wf, dt = self.width, self.dtype
+        x = Conv(64 * wf, 7, 2, 3, dt, name="root_block")(x.astype(dt))
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, not -inf (as the weights expect)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        for b, n in enumerate(Arch(self.depth, self.width).units):
+            x = Block(n, 64 * wf * 2 ** b, 1 if b == 0 else 2, dt, name=f"block{b + 1}")(x)
+        x = nn.relu(GroupNorm(dt, name="group_norm")(x))
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if pre_logits:
+            return x
+        return Head(self.num_classes, dt, name="head")(x)
+
+
+# ---- parameters: flax tree <-> canonical (released) names -----------------------------------
+def params_from_canonical(params: Mapping[str, np.ndarray]) -> dict:
+    """Canonical flat params -> the flax parameter tree (numpy leaves)."""
+    flat = checkpoint.to_framework(params, FRAMEWORK)
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def params_to_canonical(tree: Mapping, arch: Arch, num_classes: int) -> dict[str, np.ndarray]:
+    """The flax parameter tree -> canonical flat params (validated against the released layout)."""
+    flat = traverse_util.flatten_dict(_unfreeze(tree), sep="/")
+    return checkpoint.from_framework({k: _to_numpy(v) for k, v in flat.items()}, arch,
+                                     num_classes, FRAMEWORK)
+
+
+def _unfreeze(tree: Mapping) -> dict:
+    if "params" in tree and len(tree) == 1:
+        tree = tree["params"]
+    return {k: _unfreeze(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)  # replicated across processes: every shard is the whole array
+    return np.asarray(jax.device_get(x), dtype=np.float32)
+
+
+# ---- the contract ------------------------------------------------------------------------------
+@dataclass
+class BiTModel:
+    """A ResNet-v2 with its parameters: what `load_npz` returns and `predict`/`embed` take."""
+
+    module: ResNetV2
+    arch: Arch
+    num_classes: int
+    params: dict  # flax parameter tree (no "params" collection wrapper)
+    _fns: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)
+
+    def jitted(self, method: str) -> Callable:
+        """jit-compiled `apply` of `method` ('logits' or 'embed'); compiled once per shape."""
+        if method not in self._fns:
+            self._fns[method] = _jitted_apply(self.module, method)
+        return self._fns[method]
+
+
+_APPLY_CACHE: dict[tuple, Callable] = {}
+
+
+def _jitted_apply(module: ResNetV2, method: str) -> Callable:
+    key = (module.depth, module.width, module.num_classes, jnp.dtype(module.dtype).name, method)
+    if key not in _APPLY_CACHE:
+        pre_logits = method == "embed"
+        _APPLY_CACHE[key] = jax.jit(
+            lambda params, x: module.apply({"params": params}, x, pre_logits=pre_logits))
+    return _APPLY_CACHE[key]
+
+
+def make_module(arch: Arch, num_classes: int, dtype: Dtype = jnp.float32) -> ResNetV2:
+    return ResNetV2(arch.depth, arch.width, num_classes, dtype)
+
+
+def from_params(arch: Arch, params: Mapping[str, np.ndarray]) -> BiTModel:
+    """A model from canonical params (validated: missing or mis-shaped keys raise)."""
+    num_classes = int(params[checkpoint.HEAD_BIAS].shape[0]) if checkpoint.HEAD_BIAS in params \
+        else 0
+    checkpoint.validate(params, arch, num_classes, source="The parameters")
+    tree = jax.tree.map(jnp.asarray, params_from_canonical(params))
+    return BiTModel(make_module(arch, num_classes), arch, num_classes, tree)
+
+
+def to_params(model: BiTModel) -> dict[str, np.ndarray]:
+    """The model's parameters under their canonical (released) names, as float32 numpy."""
+    return params_to_canonical(model.params, model.arch, model.num_classes)
+
+
+def load_npz(path: str | os.PathLike, num_classes: int | None = None) -> BiTModel:
+    """Load a released `.npz` (architecture read off the file); `num_classes` -> new zero head."""
+    arch, params = checkpoint.load_params(path, num_classes=num_classes)
+    return from_params(arch, params)
+
+
+def save_npz(model: BiTModel, path: str | os.PathLike) -> None:
+    """Write the model in the released layout (atomically), loadable by every framework."""
+    checkpoint.save_params(to_params(model), path)
+
+
+def _check_images(images: Any) -> np.ndarray:
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise BiTError(f"Images must be float32 NHWC with 3 channels, got shape {x.shape}.")
+    return x
+
+
+def predict(model: BiTModel, images: Any) -> np.ndarray:
+    """float32 NHWC images in [-1, 1] -> float32 logits [N, num_classes]."""
+    x = _check_images(images)
+    return np.asarray(model.jitted("logits")(model.params, x), dtype=np.float32)
+
+
+def embed(model: BiTModel, images: Any) -> np.ndarray:
+    """float32 NHWC images in [-1, 1] -> pre-logits [N, 2048 * width]."""
+    x = _check_images(images)
+    return np.asarray(model.jitted("embed")(model.params, x), dtype=np.float32)
