@@ -31,6 +31,8 @@ from bit_common.registry import Arch
 keras = tf.keras
 
 FRAMEWORK = "tf2"
+# Full float32 on GPUs, as in the other two frameworks: the parity tolerances assume it.
+tf.config.experimental.enable_tensor_float_32_execution(False)
 GN_GROUPS, GN_EPS, WS_EPS = 32, 1e-5, 1e-10
 
 

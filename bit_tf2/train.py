@@ -1,0 +1,321 @@
+"""Fine-tune a released BiT model with BiT-HyperRule in TensorFlow 2: `python -m bit_tf2.train`.
+
+The control flow (schedule, evaluation and checkpoint cadence, resume, signals) is the shared
+`bit_common.loop`; this module supplies the TensorFlow backend:
+
+- one `tf.function` train step, traced once (the learning rate is a tensor argument): mixup on the
+  full batch, then `--batch_split` contiguous micro-batches whose gradients of (micro-loss / k)
+  are accumulated in a `tf.while_loop`; SGD with momentum 0.9 and no weight decay written out as
+  torch.optim.SGD does it (buf = 0.9 buf + g; p -= lr buf). Keras' SGD keeps v = 0.9 v - lr g,
+  which differs from it whenever the learning rate changes, so it is not used.
+- data parallelism with `tf.distribute.MirroredStrategy` over the local GPUs (or logical CPUs),
+  `MultiWorkerMirroredStrategy` when TF_CONFIG describes several hosts: replica r trains on the
+  r-th contiguous slice of the global batch, the per-replica gradients of (loss / replicas) are
+  summed, and the update is applied once, identically, to every copy of the variables;
+- the per-replica gradient computation is XLA-compiled (`jit_compile`) on GPUs, where it is
+  faster; on CPU the plain graph (oneDNN convolutions) is faster (BIT_TF2_JIT=1/0 overrides);
+- state as canonical numpy arrays (`resnet/...` and `momentum/resnet/...`), so checkpoints are
+  interchangeable with the other frameworks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from bit_common import checkpoint, loop
+from bit_common.datasets import DatasetInfo, Split
+from bit_common.errors import BiTError
+from bit_tf2 import models
+
+keras = models.keras
+MOMENTUM = 0.9
+JIT_ENV = "BIT_TF2_JIT"
+# fp16 dynamic loss scaling (bf16 needs none).
+LOSS_SCALE_INIT, LOSS_SCALE_PERIOD = 2.0 ** 15, 2000
+
+
+# ---- devices and strategies ------------------------------------------------------------------
+_STRATEGY: tf.distribute.Strategy | None = None
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy under TF_CONFIG, else MirroredStrategy over the local GPUs
+    (or the logical CPUs, when the CPU was split into several), else the default strategy."""
+    global _STRATEGY
+    if _STRATEGY is None:
+        if os.environ.get("TF_CONFIG"):
+            _STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            devices = (tf.config.list_logical_devices("GPU")
+                       or tf.config.list_logical_devices("CPU"))
+            _STRATEGY = (tf.distribute.MirroredStrategy([d.name for d in devices])
+                         if len(devices) > 1 else tf.distribute.get_strategy())
+    return _STRATEGY
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def use_jit() -> bool:
+    env = os.environ.get(JIT_ENV)
+    if env is not None:
+        return env not in ("0", "", "false", "False")
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _policy(precision: str) -> str:
+    if precision == "fp32":
+        return "float32"
+    if not tf.config.list_physical_devices("GPU"):
+        raise BiTError(f"--precision {precision} needs a GPU; on CPU the TensorFlow backend "
+                       f"computes in float32 only. Drop the flag (or pass --precision fp32).")
+    return {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[precision]
+
+
+def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+# ---- the backend the shared loop drives -----------------------------------------------------
+class TF2Backend(loop.Backend):
+    def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
+                 jit: bool | None = None):
+        args = setup.args
+        self.setup = setup
+        self.strategy = strategy or make_strategy()
+        self.replicas = int(self.strategy.num_replicas_in_sync)
+        self.batch_split = int(args.batch_split)
+        if args.batch % (self.replicas * self.batch_split):
+            raise BiTError(
+                f"--batch {args.batch} must be divisible by the number of replicas "
+                f"({self.replicas}) times --batch_split ({self.batch_split}), so that every "
+                f"device gets the same number of equal micro-batches.")
+        self.is_chief = _is_chief(self.strategy)
+        self.jit = use_jit() if jit is None else jit
+        policy = _policy(args.precision)
+        self.loss_scaling = policy == "mixed_float16"
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            with self.strategy.scope():
+                self.model = models.from_params(setup.arch, setup.params)
+                self.names = list(self.model.named_variables)
+                self.params = [self.model.named_variables[n] for n in self.names]
+                self.momentum = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                                             name="momentum") for v in self.params]
+                self.loss_scale = tf.Variable(LOSS_SCALE_INIT if self.loss_scaling else 1.0,
+                                              trainable=False, dtype=tf.float32)
+                self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        self._step = self._make_step()
+        self._eval_step = self._make_eval_step()
+        self._eval_ds = None
+
+    # the compiled functions ------------------------------------------------------------------
+    def _make_step(self):
+        model, params, k, replicas = self.model, self.params, self.batch_split, self.replicas
+        scaling = self.loss_scaling
+
+        def micro_grads(x, y, y_mix, lam, scale):
+            with tf.GradientTape() as tape:
+                logits = model(x)
+                loss = tf.reduce_mean(lam * _cross_entropy(logits, y)
+                                      + (1 - lam) * _cross_entropy(logits, y_mix))
+                scaled = loss * scale / (k * replicas)
+            grads = tape.gradient(scaled, params)
+            return loss, [tf.cast(g, tf.float32) / scale for g in grads]
+
+        def replica_step(image, label, lam, perm, scale):
+            """Gradients of (this replica's mean loss / replicas), and that loss / replicas."""
+            n = tf.shape(image)[0]
+            perm = perm % n  # the plan's partners of this replica's slice, as local indices
+            lam = tf.cast(lam, tf.float32)
+            x = lam * image + (1 - lam) * tf.gather(image, perm)
+            y, y_mix = label, tf.gather(label, perm)
+            if k == 1:
+                loss, grads = micro_grads(x, y, y_mix, lam, scale)
+                return grads, loss / replicas
+            m = n // k
+            acc = [tf.zeros(p.shape, tf.float32) for p in params]
+            total = tf.zeros([], tf.float32)
+            for i in tf.range(k):
+                sl = slice(i * m, (i + 1) * m)
+                loss, grads = micro_grads(x[sl], y[sl], y_mix[sl], lam, scale)
+                acc = [a + g for a, g in zip(acc, grads)]
+                total += loss
+            return acc, total / (k * replicas)
+
+        replica_fn = tf.function(replica_step, jit_compile=self.jit)
+        strategy = self.strategy
+
+        @tf.function
+        def step(batch, lr):
+            grads, loss = strategy.run(replica_fn, args=(
+                batch["image"], batch["label"], batch["mixup_lambda"], batch["mixup_perm"],
+                self.loss_scale))
+            grads = strategy.reduce(tf.distribute.ReduceOp.SUM, grads, axis=None)
+            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            if scaling:  # skip the update and halve the scale on overflow (fp16 only)
+                self._update_loss_scale(finite)
+                grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+                keep = tf.cast(finite, tf.float32)
+            else:
+                keep = tf.constant(1.0)
+            for p, buf, g in zip(params, self.momentum, grads):
+                new_buf = MOMENTUM * buf + g
+                new_buf = keep * new_buf + (1 - keep) * buf
+                buf.assign(new_buf)
+                p.assign_sub(keep * lr * new_buf)
+            return loss
+
+        return step
+
+    def _update_loss_scale(self, finite: tf.Tensor) -> None:
+        grow = tf.logical_and(finite, self.good_steps + 1 >= LOSS_SCALE_PERIOD)
+        self.loss_scale.assign(tf.where(finite, tf.where(grow, self.loss_scale * 2,
+                                                         self.loss_scale),
+                                        self.loss_scale / 2))
+        self.good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)),
+                                        self.good_steps + 1, tf.zeros([], tf.int64)))
+
+    def _make_eval_step(self):
+        model, top = self.model, min(5, self.setup.num_classes)
+
+        def evaluate(image, label, mask):
+            logits = tf.cast(model(image), tf.float32)
+            label = tf.cast(label, tf.int32)
+            ce = _cross_entropy(logits, label)
+            top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), label),
+                           tf.float32)
+            _, best = tf.math.top_k(logits, top)
+            top5 = tf.cast(tf.reduce_any(tf.equal(best, label[:, None]), -1), tf.float32)
+            return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask),
+                             tf.reduce_sum(ce * mask), tf.reduce_sum(mask)])
+
+        return tf.function(evaluate, jit_compile=self.jit)
+
+    # batches ----------------------------------------------------------------------------
+    def train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        from bit_tf2 import data
+
+        ds = data.train_dataset(self.setup, start_step, shards=self.replicas)
+        for step, batch in enumerate(data.batches(ds), start_step):
+            got = int(batch.pop("step", step))
+            if got != step:
+                raise BiTError(f"The input pipeline produced the batch of step {got} where "
+                               f"step {step} was expected.")
+            yield batch
+
+    def distribute(self, batch: dict[str, np.ndarray]) -> Any:
+        """Replica r gets rows [r*B/R, (r+1)*B/R) of every per-example array; scalars whole."""
+        n = len(batch["label"]) // self.replicas
+
+        def value_fn(ctx: tf.distribute.experimental.ValueContext) -> dict[str, tf.Tensor]:
+            r = ctx.replica_id_in_sync_group
+            return {k: tf.constant(v if np.ndim(v) == 0 else v[r * n:(r + 1) * n])
+                    for k, v in batch.items() if k in ("image", "label", "mixup_lambda",
+                                                       "mixup_perm")}
+
+        return self.strategy.experimental_distribute_values_from_function(value_fn)
+
+    def train_step(self, batch: dict[str, np.ndarray], lr: float) -> float:
+        batch = {"image": np.asarray(batch["image"], np.float32),
+                 "label": np.asarray(batch["label"], np.int32),
+                 "mixup_lambda": np.asarray(batch["mixup_lambda"], np.float32).reshape(()),
+                 "mixup_perm": np.asarray(batch["mixup_perm"], np.int32)}
+        loss = self._step(self.distribute(batch), tf.constant(lr, tf.float32))
+        return float(loss)
+
+    def evaluate(self) -> dict[str, float]:
+        from bit_tf2 import data
+
+        if self._eval_ds is None:
+            self._eval_ds = data.eval_dataset(self.setup, self.setup.args.batch_eval)
+        totals = np.zeros(4, np.float64)
+        for batch in data.batches(self._eval_ds, numpy=False):
+            totals += self._eval_step(batch["image"], batch["label"], batch["mask"]).numpy()
+        n = max(totals[3], 1.0)
+        return {"top1": float(totals[0] / n), "top5": float(totals[1] / n),
+                "loss": float(totals[2] / n)}
+
+    # state ------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        arch, classes = self.setup.arch, self.setup.num_classes
+        state = models.to_params(self.model)
+        mom = checkpoint.from_framework({n: b.numpy() for n, b in zip(self.names, self.momentum)},
+                                        arch, classes, models.FRAMEWORK)
+        state.update({loop.MOMENTUM + k: v for k, v in mom.items()})
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        arch, classes = self.setup.arch, self.setup.num_classes
+        params = {k: v for k, v in state.items() if k.startswith(checkpoint.PREFIX)}
+        momentum = {k[len(loop.MOMENTUM):]: v for k, v in state.items()
+                    if k.startswith(loop.MOMENTUM)}
+        checkpoint.validate(params, arch, classes, source="The run's checkpoint")
+        checkpoint.validate(momentum, arch, classes,
+                            source="The momentum buffers of the run's checkpoint")
+        models.assign_params(self.model, params)
+        mom = checkpoint.to_framework(momentum, models.FRAMEWORK)
+        for name, buf in zip(self.names, self.momentum):
+            buf.assign(np.asarray(mom[name], np.float32))
+
+    def agree(self, flag: bool) -> bool:
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return flag
+        value = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(float(flag)))
+        return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value, axis=None) > 0)
+
+
+class TF2Framework:
+    """What `bit_common.loop.main` needs from TensorFlow 2."""
+
+    name = "tf2"
+
+    def load_train_split(self, args: argparse.Namespace, info: DatasetInfo) -> Split:
+        from bit_tf2 import data
+
+        return data.load_train_split(args, info)
+
+    def make_backend(self, setup: loop.RunSetup) -> TF2Backend:
+        return TF2Backend(setup)
+
+
+FRAMEWORK = TF2Framework()
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TF_CONFIG"):
+        # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+            make_strategy()
+        except (ValueError, KeyError, RuntimeError) as e:
+            print(f"error: TF_CONFIG is set, so this is a multi-worker run, but it cannot be "
+                  f"used ({type(e).__name__}: {e}). Fix it, or unset it for a single-host run.",
+                  file=sys.stderr, flush=True)
+            return 2
+    return loop.main(FRAMEWORK, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
