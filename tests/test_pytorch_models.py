@@ -1,0 +1,126 @@
+"""bit_pytorch.models: the ResNet-v2 against timm, the contract, and bad checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bit_common import checkpoint
+from bit_common.errors import CheckpointError
+from bit_common.registry import parse_arch
+from bit_pytorch import models
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # On a shared 2-core machine, OpenMP's spinning threads make a contended run many times
+    # slower; one thread is fast and deterministic whatever else runs.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model(r50_npz):
+    return models.load_npz(r50_npz)
+
+
+def test_state_dict_names_come_from_bit_common(model, r50_params):
+    want = {checkpoint.framework_key(k, "pytorch"): v.shape for k, v in r50_params.items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert set(got) == set(want)
+    for k, shape in want.items():  # OIHW here, HWIO in the file
+        assert got[k] == (tuple(shape[i] for i in (3, 2, 0, 1)) if len(shape) == 4 else shape)
+
+
+def test_weight_standardization_formula(model):
+    conv = model.body.block2.unit01.conv2
+    w = conv.weight.detach().double()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    ref = (w - mean) / torch.sqrt(var + 1e-10)
+    got = conv.standardized_weight().detach().double()
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_predict_matches_timm(model, r50_npz, images):
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)
+    ref.load_pretrained(str(r50_npz))
+    ref.eval()
+    for shape in ((2, 64, 64), (1, 33, 47)):
+        x = images(*shape, seed=1)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+        got = models.predict(model, x)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        diff = np.abs(got - want).max()
+        print(f"predict vs timm {shape}: max |d| = {diff:.2e}")
+        assert diff <= 1e-4
+
+
+def test_embed_shape_and_head(model, r50_params, images):
+    x = images(2, 64, 64, seed=2)
+    feats = models.embed(model, x)
+    assert feats.shape == (2, 2048) and feats.dtype == np.float32
+    w = r50_params[checkpoint.HEAD_KERNEL][0, 0]
+    b = r50_params[checkpoint.HEAD_BIAS]
+    np.testing.assert_allclose(feats @ w + b, models.predict(model, x), atol=1e-5)
+
+
+def test_channels_last(model, r50_npz, images):
+    x = images(2, 64, 64, seed=3)
+    cl = models.load_npz(r50_npz).to(memory_format=torch.channels_last)
+    assert models.memory_format(cl) == torch.channels_last
+    assert np.abs(models.predict(cl, x) - models.predict(model, x)).max() <= 1e-4
+    with torch.no_grad():  # a channels_last input into the model works too
+        t = torch.from_numpy(x).permute(0, 3, 1, 2)
+        assert t.is_contiguous(memory_format=torch.channels_last)
+        np.testing.assert_allclose(cl(t).numpy(), models.predict(model, x), atol=1e-4)
+
+
+def test_save_load_roundtrip(model, r50_npz, tmp_path, images):
+    out = tmp_path / "saved.npz"
+    models.save_npz(model, out)
+    with np.load(out) as saved, np.load(r50_npz) as orig:
+        want = checkpoint.expected_shapes(parse_arch("R50x1"), 10)
+        assert {k: saved[k].shape for k in saved.files} == want
+        for k in orig.files:
+            np.testing.assert_array_equal(saved[k], orig[k])
+    x = images(2, 64, 64, seed=4)
+    np.testing.assert_array_equal(models.predict(models.load_npz(out), x),
+                                  models.predict(model, x))
+    params = models.to_params(model)
+    again = models.from_params(parse_arch("R50x1"), params)
+    np.testing.assert_array_equal(models.predict(again, x), models.predict(model, x))
+
+
+def test_new_head_is_zero(r50_npz, images):
+    m = models.load_npz(r50_npz, num_classes=5)
+    logits = models.predict(m, images(2, 32, 32))
+    assert logits.shape == (2, 5)
+    assert not logits.any()
+
+
+def test_bad_checkpoints_raise_checkpoint_error(r50_params, r50_npz, tmp_path):
+    wrong = dict(r50_params)
+    key = "resnet/block2/unit01/b/standardized_conv2d/kernel"
+    wrong[key] = np.zeros((3, 3, 128, 64), np.float32)
+    np.savez(tmp_path / "wrong.npz", **wrong)
+    with pytest.raises(CheckpointError, match="shape"):
+        models.load_npz(tmp_path / "wrong.npz")
+
+    missing = {k: v for k, v in r50_params.items() if "block4/unit03/c" not in k}
+    np.savez(tmp_path / "missing.npz", **missing)
+    with pytest.raises(CheckpointError, match="missing"):
+        models.load_npz(tmp_path / "missing.npz")
+
+    data = r50_npz.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        models.load_npz(tmp_path / "truncated.npz")
+
+    with pytest.raises(CheckpointError):
+        models.from_params(parse_arch("R101x1"), r50_params)

@@ -1,0 +1,221 @@
+"""bit_pytorch.train: the CLI end to end on `digits`, resume, --batch_split, mixup, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bit_common import checkpoint, cli, runlog
+from bit_common.datasets import get_dataset, load_digits
+from bit_common.loop import RunSetup
+from bit_common.plan import InputPlan
+from bit_pytorch import data, models
+from bit_pytorch.train import FRAMEWORK, TorchBackend, main
+
+ROOT = Path(__file__).resolve().parents[1]
+# One OpenMP thread: fast and deterministic on a shared 2-core machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+SMALL = ["--model", "BiT-M-R50x1", "--dataset", "digits", "--batch", "8",
+         "--resolution", "40", "32", "--workers", "0", "--batch_eval", "120"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def cli_args(ckpt_dir, logdir, name, *extra) -> list[str]:
+    return ["--name", name, "--logdir", str(logdir), "--bit_pretrained_dir", str(ckpt_dir),
+            *SMALL, *extra]
+
+
+def load_state(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if not k.startswith("meta/")}
+
+
+def run_cli(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bit_pytorch.train", *argv], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- end to end, resume, determinism ----------------------------------------------------------
+def test_cli_run_writes_everything_and_resumes_identically(r50_npz, ckpt_dir, tmp_path):
+    # 2 steps, then the same command with --steps 4 resumes at step 2.
+    assert main(cli_args(ckpt_dir, tmp_path, "halves", "--steps", "2", "--eval_every", "2")) == 0
+    run = tmp_path / "halves"
+    for f in ("train.log", "metrics.jsonl", "checkpoint.npz", "model.npz", "config.json"):
+        assert (run / f).is_file(), f
+    assert main(cli_args(ckpt_dir, tmp_path, "halves", "--steps", "4", "--eval_every", "2")) == 0
+    assert "(resumed)" in (run / "train.log").read_text()
+    # The same 4 steps in one go.
+    assert main(cli_args(ckpt_dir, tmp_path, "straight", "--steps", "4", "--eval_every", "2")) == 0
+
+    a, b = load_state(run / "checkpoint.npz"), load_state(tmp_path / "straight/checkpoint.npz")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("momentum/") for k in a)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ma = runlog.read_metrics(run / "metrics.jsonl")
+    mb = runlog.read_metrics(tmp_path / "straight/metrics.jsonl")
+    assert [(r["type"], r["step"]) for r in ma] == [(r["type"], r["step"]) for r in mb] == [
+        ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    for ra, rb in zip(ma, mb):
+        assert ra["loss"] == rb["loss"]
+        if ra["type"] == "eval":
+            assert ra["top1"] == rb["top1"] and ra["top5"] == rb["top5"]
+    # The final model is a released-layout file with the task's head.
+    final = models.load_npz(run / "model.npz")
+    assert final.num_classes == 10
+    with np.load(run / "model.npz") as f:
+        assert {k: f[k].shape for k in f.files} == checkpoint.expected_shapes(final.arch, 10)
+    # Nothing to do once the run is complete.
+    before = (run / "checkpoint.npz").stat().st_mtime_ns
+    assert main(cli_args(ckpt_dir, tmp_path, "halves", "--steps", "4")) == 0
+    assert "nothing to do" in (run / "train.log").read_text()
+    assert (run / "checkpoint.npz").stat().st_mtime_ns == before
+
+
+# ---- the optimizer step, called directly ------------------------------------------------------
+def make_backend(r50_npz, batch=8, batch_split=1, extra=()) -> TorchBackend:
+    args = cli.build_parser("pytorch").parse_args(
+        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", "digits",
+         "--batch", str(batch), "--batch_split", str(batch_split), "--workers", "0", *extra])
+    train = load_digits("train")
+    indices = np.arange(len(train))
+    arch, params = checkpoint.load_params(r50_npz, num_classes=10)
+    plan = InputPlan(len(indices), batch, 40, 32, seed=0)
+    return TorchBackend(RunSetup(args, get_dataset("digits"), train, indices, 10, arch, params,
+                                 plan, 40, 32))
+
+
+def first_batch(backend: TorchBackend, lam: float = 1.0, perm=None) -> data.TrainBatch:
+    batch = next(backend.train_batches(0))
+    if perm is not None:
+        batch.mixup_lambda, batch.mixup_perm = lam, torch.as_tensor(perm)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def split1_state(r50_npz):
+    be = make_backend(r50_npz)
+    loss = be.train_step(first_batch(be), 0.1)
+    return loss, be.get_state()
+
+
+def test_batch_split_gives_the_same_step(r50_npz, split1_state):
+    loss1, s1 = split1_state
+    be = make_backend(r50_npz, batch_split=4)
+    loss4 = be.train_step(first_batch(be), 0.1)
+    s4 = be.get_state()
+    assert abs(loss1 - loss4) < 1e-5
+    assert s1.keys() == s4.keys()
+    worst = max(float(np.abs(s1[k] - s4[k]).max() / (np.abs(s1[k]).max() + 1e-12)) for k in s1)
+    print(f"split 4 vs 1: max relative difference {worst:.2e}")
+    assert worst < 1e-5
+    moved = max(float(np.abs(s1[k] - be.setup.params[k]).max()) for k in be.setup.params)
+    assert moved > 1e-4  # the step did change the weights
+
+
+def test_state_round_trip_and_momentum(r50_npz, split1_state):
+    _, state = split1_state
+    be = make_backend(r50_npz)
+    fresh = be.get_state()
+    assert all(not fresh[k].any() for k in fresh if k.startswith("momentum/"))
+    be.set_state(state)
+    again = be.get_state()
+    for k in state:
+        np.testing.assert_array_equal(again[k], state[k], err_msg=k)
+    bad = dict(state)
+    bad["resnet/head/conv2d/bias"] = np.zeros(3, np.float32)
+    with pytest.raises(checkpoint.CheckpointError):
+        be.set_state(bad)
+
+
+def test_mixup_step_matches_manual_computation(r50_npz):
+    lam, perm = 0.7, [3, 0, 1, 2, 7, 6, 5, 4]
+    be = make_backend(r50_npz)
+    batch = first_batch(be, lam, perm)
+    loss = be.train_step(batch, 0.1)
+
+    model = models.from_params(be.setup.arch, be.setup.params).train()
+    x, y = batch.images, batch.labels
+    xm = lam * x + (1 - lam) * x[perm]
+    logits = model(xm)
+    ce = torch.nn.functional.cross_entropy
+    ref = lam * ce(logits, y) + (1 - lam) * ce(logits, y[perm])
+    ref.backward()
+    assert abs(loss - ref.item()) < 1e-5
+    state = be.get_state()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    want = models.to_params(model)
+    worst = max(float(np.abs(state[k] - want[k]).max()) for k in want)
+    assert worst < 1e-5
+
+
+# ---- errors through the CLI -------------------------------------------------------------------
+BAD_INPUTS = {
+    "split": (["--batch_split", "3"], "not divisible by --batch_split"),
+    "model": (["--model", "BiT-M-R50x2"], "Unknown model"),
+    "dataset": (["--dataset", "cifar11"], "Unknown dataset"),
+    "few-shot": (["--examples_per_class", "1000"], "--examples_per_class 1000"),
+    "precision": (["--precision", "bf16"], "needs a CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_a_clear_error(case, r50_npz, ckpt_dir, tmp_path, capsys):
+    extra, message = BAD_INPUTS[case]
+    if case == "precision" and torch.cuda.is_available():
+        pytest.skip("bf16 is valid on a GPU")
+    argv = cli_args(ckpt_dir, tmp_path, "bad", "--steps", "1") + extra  # later flags win
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "bad").exists()  # nothing written before the error
+
+
+def test_bad_input_through_the_real_cli(r50_npz, ckpt_dir, tmp_path):
+    """A subprocess proves it: one paragraph on stderr, no traceback, exit status 2."""
+    proc = run_cli(cli_args(ckpt_dir, tmp_path, "bad", "--batch_split", "3"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "not divisible by --batch_split" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+# ---- two processes under DistributedDataParallel ------------------------------------------------
+def test_ddp_two_processes_equal_one(r50_npz, ckpt_dir, tmp_path):
+    common = ["--steps", "2", "--base_lr", "10", "--batch_split", "2", "--batch_eval", "360"]
+    assert main(cli_args(ckpt_dir, tmp_path, "one", *common)) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "bit_pytorch.train", *cli_args(ckpt_dir, tmp_path, "two", *common)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load_state(tmp_path / "one/checkpoint.npz"), load_state(
+        tmp_path / "two/checkpoint.npz")
+    assert one.keys() == two.keys()
+    worst = max(float(np.abs(one[k] - two[k]).max() / (np.abs(one[k]).max() + 1e-12))
+                for k in one)
+    print(f"DDP 2 processes vs 1: max relative difference {worst:.2e}")
+    assert worst < 1e-5
+    ma = runlog.read_metrics(tmp_path / "one/metrics.jsonl")
+    mb = runlog.read_metrics(tmp_path / "two/metrics.jsonl")
+    assert [(r["type"], r["step"]) for r in ma] == [(r["type"], r["step"]) for r in mb]
+    for ra, rb in zip(ma, mb):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-4
+    assert json.loads((tmp_path / "two/config.json").read_text())["framework"] == "pytorch"
