@@ -126,7 +126,7 @@ def decode(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
 def resize(image: np.ndarray, size: int) -> torch.Tensor:
