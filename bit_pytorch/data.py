@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,19 @@ class StepSampler(Sampler):
         return max(0, self.end - self.start)
 
 
+def _worker_init(_worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which checkpoints and then stops them
+    (Ctrl-C reaches the whole process group; a worker dying of it would abort the save)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+                      pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+                      worker_init_fn=_worker_init if workers else None)
+
+
 def _collate(items):
     errors = [e for _, _, e in items if e]
     if errors:
@@ -253,9 +267,7 @@ def train_batches(split: Split, train_indices: np.ndarray, plan: InputPlan, star
     `plan.shards` must keep every mixup partner inside `rows` (one shard per process).
     """
     dataset = TrainDataset(split, train_indices, plan)
-    loader = DataLoader(dataset, batch_sampler=StepSampler(start, end, rows),
-                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-                        prefetch_factor=2 if workers else None)
+    loader = _loader(dataset, StepSampler(start, end, rows), workers, pin_memory)
     first = rows.start
     for step, batch in zip(range(start, end), loader):
         batch = _check(batch)
@@ -295,9 +307,7 @@ class _Chunks(Sampler):
 def eval_batches(split: Split, crop: int, batch: int, rows: range, workers: int,
                  pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) over `rows` of the evaluation split, the last batch possibly smaller."""
-    loader = DataLoader(EvalDataset(split, crop), batch_sampler=_Chunks(rows, batch),
-                        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
-                        prefetch_factor=2 if workers else None)
+    loader = _loader(EvalDataset(split, crop), _Chunks(rows, batch), workers, pin_memory)
     for b in loader:
         b = _check(b)
         yield b["images"], b["labels"]

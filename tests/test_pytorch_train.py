@@ -219,3 +219,35 @@ def test_ddp_two_processes_equal_one(r50_npz, ckpt_dir, tmp_path):
     for ra, rb in zip(ma, mb):
         assert abs(ra["loss"] - rb["loss"]) < 1e-4
     assert json.loads((tmp_path / "two/config.json").read_text())["framework"] == "pytorch"
+
+
+# ---- SIGTERM mid-run, with input workers --------------------------------------------------------
+def test_sigterm_saves_and_the_rerun_finishes_identically(r50_npz, ckpt_dir, tmp_path):
+    import signal
+
+    argv = cli_args(ckpt_dir, tmp_path, "stopped", "--steps", "5", "--save_every", "100",
+                    "--eval_every", "100", "--workers", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "bit_pytorch.train", *argv], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "[step 1]" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    run = tmp_path / "stopped"
+    with np.load(run / "checkpoint.npz") as f:
+        stopped_at = int(f["meta/step"])
+    assert 1 <= stopped_at < 5 and not (run / "model.npz").exists()
+    assert main(argv[:-2] + ["--workers", "0"]) == 0  # resume (the worker count may change)
+    assert main(cli_args(ckpt_dir, tmp_path, "straight", "--steps", "5", "--eval_every",
+                         "100")) == 0
+    a, b = load_state(run / "checkpoint.npz"), load_state(tmp_path / "straight/checkpoint.npz")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps = [r["step"] for r in runlog.read_metrics(run / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
