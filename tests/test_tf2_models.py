@@ -1,0 +1,175 @@
+"""bit_tf2.models: the ResNet-v2 against timm, the .npz round trip, SavedModel export, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bit_common import checkpoint
+from bit_common.errors import CheckpointError
+from bit_common.registry import parse_arch
+from conftest import random_images
+
+tf = pytest.importorskip("tensorflow")
+models = pytest.importorskip("bit_tf2.models")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_python(code: str, cwd: Path, timeout: int = 300) -> str:
+    """Run `code` in a fresh interpreter (torch/triton must not share a process with TF: importing
+    triton after TensorFlow crashes); returns stdout, fails the test with stderr otherwise."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def model(r50_npz):
+    return models.load_npz(r50_npz)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return random_images(2, 64, 64, seed=1)
+
+
+def test_predict_matches_timm(model, inputs, r50_npz, tmp_path):
+    if importlib.util.find_spec("timm") is None:  # never import it here (see _run_python)
+        pytest.skip("timm is not installed")
+    np.save(tmp_path / "x.npy", inputs)
+    _run_python(f"""
+        import numpy as np, timm, torch
+        m = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)
+        m.load_pretrained({str(r50_npz)!r})
+        m.eval()
+        x = torch.from_numpy(np.load("x.npy").transpose(0, 3, 1, 2))
+        with torch.no_grad():
+            np.save("y.npy", m(x).numpy())
+    """, cwd=tmp_path)
+    ref = np.load(tmp_path / "y.npy")
+    got = models.predict(model, inputs)
+    assert got.dtype == np.float32 and got.shape == (2, 10)
+    assert np.abs(ref).max() > 0.1  # informative logits, not a trivially zero head
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+
+
+def test_embed_and_odd_sizes(model):
+    x = random_images(3, 33, 47, seed=2)
+    feats = models.embed(model, x)
+    assert feats.shape == (3, 2048) and feats.dtype == np.float32
+    assert (feats >= 0).all()  # mean of a relu
+    # The head is a dense layer on the pre-logits.
+    p = models.to_params(model)
+    w = p[checkpoint.HEAD_KERNEL][0, 0]
+    np.testing.assert_allclose(models.predict(model, x), feats @ w + p[checkpoint.HEAD_BIAS],
+                               rtol=1e-5, atol=1e-5)
+    # Batching does not change the result.
+    np.testing.assert_allclose(models.predict(model, x, batch_size=1), models.predict(model, x),
+                               rtol=0, atol=1e-4)
+
+
+def test_group_norm_is_bits(model):
+    """Keras' GroupNormalization computes BiT's group norm (32 groups, eps 1e-5, biased var)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 5, 7, 64)) * 3 + 1).astype(np.float32)
+    gamma, beta = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(
+        np.float32)
+    layer = models.group_norm()
+    layer.build(x.shape)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    g = x.astype(np.float64).reshape(2, 5, 7, 32, 2)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * gamma + beta
+    np.testing.assert_allclose(layer(x).numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_standardized_conv_is_bits():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
+    layer = models.StandardizedConv2D(8, 3, 2)
+    layer.build(x.shape)
+    layer.kernel.assign(w)
+    ws = (w - w.mean(axis=(0, 1, 2))) / np.sqrt(w.var(axis=(0, 1, 2)) + 1e-10)
+    want = tf.nn.conv2d(x, ws, 2, "VALID").numpy()
+    np.testing.assert_allclose(layer(x).numpy(), want, rtol=1e-5, atol=1e-5)
+    assert [v.name for v in layer.trainable_variables] == ["kernel"]
+
+
+def test_zero_head(r50_npz):
+    m = models.load_npz(r50_npz, num_classes=5)
+    assert m.num_classes == 5
+    np.testing.assert_array_equal(models.predict(m, random_images(2, 32, 32)),
+                                  np.zeros((2, 5), np.float32))
+    assert len(m.trainable_variables) == len(m.named_variables)
+
+
+def test_save_load_round_trip(model, r50_npz, r50_params, inputs, tmp_path):
+    path = tmp_path / "saved.npz"
+    models.save_npz(model, path)
+    arch = parse_arch("R50x1")
+    with np.load(path) as f:
+        saved = {k: f[k] for k in f.files}
+    want = checkpoint.expected_shapes(arch, 10)
+    assert list(saved) == list(want)
+    assert {k: v.shape for k, v in saved.items()} == want
+    assert all(v.dtype == np.float32 for v in saved.values())
+    for k, v in r50_params.items():
+        np.testing.assert_array_equal(saved[k], v)
+    again = models.load_npz(path)
+    np.testing.assert_array_equal(models.predict(again, inputs), models.predict(model, inputs))
+
+
+def test_checkpoint_errors(r50_npz, r50_params, tmp_path):
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(Path(r50_npz).read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match="truncated|not a readable"):
+        models.load_npz(truncated)
+    bad = dict(r50_params)
+    key = "resnet/block2/unit02/b/standardized_conv2d/kernel"
+    bad[key] = np.zeros((3, 3, 128, 64), np.float32)
+    np.savez(tmp_path / "mismatch.npz", **bad)
+    with pytest.raises(CheckpointError, match="block2/unit02/b"):
+        models.load_npz(tmp_path / "mismatch.npz")
+    missing = {k: v for k, v in r50_params.items() if "block3/unit04/c" not in k}
+    np.savez(tmp_path / "missing.npz", **missing)
+    with pytest.raises(CheckpointError, match="missing"):
+        models.load_npz(tmp_path / "missing.npz")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        models.load_npz(tmp_path / "nope.npz")
+    with pytest.raises(CheckpointError):
+        models.from_params(parse_arch("R101x1"), r50_params)
+
+
+def test_export_reloads_without_bit_tf2(model, inputs, tmp_path):
+    out = models.export(model, tmp_path / "saved_model")
+    np.save(tmp_path / "x.npy", inputs)
+    # A fresh interpreter outside the repository: only TensorFlow, never this package.
+    stdout = _run_python(f"""
+        import sys
+        import numpy as np, tensorflow as tf
+        loaded = tf.saved_model.load({str(out)!r})
+        x = np.load("x.npy")
+        y = loaded.signatures["serving_default"](images=tf.constant(x))["logits"].numpy()
+        y2 = loaded.serve(tf.constant(x[:1, :40, :50]))["logits"].numpy()
+        f = loaded.signatures["embed"](images=tf.constant(x))["pre_logits"].numpy()
+        np.save("y.npy", y); np.save("y2.npy", y2); np.save("f.npy", f)
+        print(sorted(m for m in sys.modules if m.startswith("bit_")))
+    """, cwd=tmp_path)
+    assert stdout.strip() == "[]"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), models.predict(model, inputs),
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "y2.npy"),
+                               models.predict(model, inputs[:1, :40, :50]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), models.embed(model, inputs),
+                               rtol=0, atol=1e-5)
