@@ -138,8 +138,8 @@ def resize(image: np.ndarray, size: int) -> torch.Tensor:
     return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
-def preprocess_train(image: np.ndarray, resize_to: int, crop: int, top: int, left: int,
-                     flip: bool) -> torch.Tensor:
+def train_image(image: np.ndarray, resize_to: int, crop: int, top: int, left: int,
+                flip: bool) -> torch.Tensor:
     """Resize, crop at (top, left), flip if asked, scale to [-1, 1]: float32 CHW."""
     x = resize(image, resize_to)[:, top:top + crop, left:left + crop]
     if flip:
@@ -147,9 +147,35 @@ def preprocess_train(image: np.ndarray, resize_to: int, crop: int, top: int, lef
     return (x / 127.5 - 1.0).contiguous()
 
 
-def preprocess_eval(image: np.ndarray, crop: int) -> torch.Tensor:
+def eval_image(image: np.ndarray, crop: int) -> torch.Tensor:
     """Resize straight to (crop, crop), scale to [-1, 1]: float32 CHW."""
     return (resize(image, crop) / 127.5 - 1.0).contiguous()
+
+
+# numpy in, numpy out: the same conveniences as bit_tf2.data, for cross-framework checks.
+def _nhwc(images: list[torch.Tensor], crop: int) -> np.ndarray:
+    if not images:
+        return np.zeros((0, crop, crop, 3), np.float32)
+    return torch.stack(images).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def preprocess_eval(images_uint8: np.ndarray, crop: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, crop, crop, 3], exactly the evaluation batches' ops."""
+    return _nhwc([eval_image(im, crop) for im in np.asarray(images_uint8, np.uint8)], crop)
+
+
+def preprocess_train(images_uint8: np.ndarray, resize: int, crop: int, offsets: np.ndarray,
+                     flips: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 [N, crop, crop, 3], exactly the training batches' ops
+    (offsets int [N, 2] (top, left) inside the resized image, flips bool [N])."""
+    images = np.asarray(images_uint8, np.uint8)
+    offsets = np.asarray(offsets, np.int64).reshape(len(images), 2)
+    flips = np.asarray(flips, bool).reshape(len(images))
+    if len(images) and (offsets.min() < 0 or offsets.max() > resize - crop):
+        raise DataError(f"Crop offsets must lie in [0, {resize - crop}] for resize {resize} and "
+                        f"crop {crop}.")
+    return _nhwc([train_image(im, resize, crop, int(o[0]), int(o[1]), bool(f))
+                  for im, o, f in zip(images, offsets, flips)], crop)
 
 
 class _SplitImages:
@@ -214,7 +240,7 @@ class TrainDataset(Dataset):
         except _Unreadable as e:
             return None, 0, str(e)
         top, left = (int(v) for v in bp.offsets[row])
-        x = preprocess_train(image, resize_to, crop, top, left, bool(bp.flips[row]))
+        x = train_image(image, resize_to, crop, top, left, bool(bp.flips[row]))
         return x, int(self.labels[i]), None
 
 
@@ -289,7 +315,7 @@ class EvalDataset(Dataset):
             image = self.images(i)
         except _Unreadable as e:
             return None, 0, str(e)
-        return preprocess_eval(image, self.crop), int(self.labels[i]), None
+        return eval_image(image, self.crop), int(self.labels[i]), None
 
 
 class _Chunks(Sampler):

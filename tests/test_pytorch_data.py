@@ -20,10 +20,10 @@ def _image(h, w, seed=0):
 
 def test_preprocess_train_crop_flip_scale():
     img = _image(20, 20)
-    x = data.preprocess_train(img, 20, 12, top=3, left=5, flip=False)  # no resize needed
+    x = data.train_image(img, 20, 12, top=3, left=5, flip=False)  # no resize needed
     want = img[3:15, 5:17].astype(np.float32).transpose(2, 0, 1) / 127.5 - 1
     np.testing.assert_allclose(x.numpy(), want, atol=1e-6)
-    flipped = data.preprocess_train(img, 20, 12, top=3, left=5, flip=True)
+    flipped = data.train_image(img, 20, 12, top=3, left=5, flip=True)
     np.testing.assert_array_equal(flipped.numpy(), x.numpy()[:, :, ::-1])
     assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
 
@@ -43,9 +43,22 @@ def test_resize_is_antialiased_bilinear_like_pil(src, dst):
 
 def test_eval_resizes_straight_to_the_crop():
     img = _image(8, 8)
-    x = data.preprocess_eval(img, 32)
+    x = data.eval_image(img, 32)
     assert x.shape == (3, 32, 32)
     np.testing.assert_allclose(x.numpy(), data.resize(img, 32).numpy() / 127.5 - 1, atol=1e-6)
+
+
+def test_numpy_conveniences_match_the_per_image_ops():
+    imgs = np.stack([_image(9, 9, seed=s) for s in range(3)])
+    ev = data.preprocess_eval(imgs, 16)
+    assert ev.shape == (3, 16, 16, 3) and ev.dtype == np.float32
+    np.testing.assert_array_equal(ev[1], data.eval_image(imgs[1], 16).permute(1, 2, 0).numpy())
+    offsets, flips = np.array([[0, 1], [2, 2], [1, 0]]), np.array([True, False, True])
+    tr = data.preprocess_train(imgs, 12, 10, offsets, flips)
+    np.testing.assert_array_equal(
+        tr[2], data.train_image(imgs[2], 12, 10, 1, 0, True).permute(1, 2, 0).numpy())
+    with pytest.raises(DataError):
+        data.preprocess_train(imgs, 12, 10, offsets + 2, flips)
 
 
 def test_train_batches_follow_the_plan():
@@ -61,7 +74,7 @@ def test_train_batches_follow_the_plan():
         np.testing.assert_array_equal(b.labels.numpy(), split.labels[rows])
         for r in range(6):
             top, left = bp.offsets[r]
-            want = data.preprocess_train(split.images[rows[r]], 12, 10, top, left, bp.flips[r])
+            want = data.train_image(split.images[rows[r]], 12, 10, top, left, bp.flips[r])
             torch.testing.assert_close(b.images[r], want, rtol=0, atol=0)
     assert next(batches, None) is None
 
