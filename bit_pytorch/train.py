@@ -85,14 +85,15 @@ class TorchBackend(loop.Backend):
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if cuda else None,
-                broadcast_buffers=False)
+                broadcast_buffers=False, gradient_as_bucket_view=True)
         self.params = dict(self.model.named_parameters())
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=0.9,
                                          dampening=0.0, weight_decay=0.0, nesterov=False)
         # One mixup shard per process keeps every partner inside this process's rows.
         self.plan = dataclasses.replace(setup.plan, shards=self.world)
         self.rows = range(self.rank * local, (self.rank + 1) * local)
-        self.eval_split: Split | None = None
+        # Loaded now, so a missing or broken evaluation split fails before the run folder exists.
+        self.eval_split = data.load_eval_split(args, setup.dataset, setup.train)
         self.pin = cuda
 
     # ---- input ------------------------------------------------------------------------------
@@ -153,9 +154,6 @@ class TorchBackend(loop.Backend):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        if self.eval_split is None:
-            self.eval_split = data.load_eval_split(self.args, self.setup.dataset,
-                                                   self.setup.train)
         split = self.eval_split
         rows = data.shard_rows(len(split), self.rank, self.world)
         k = min(5, self.setup.num_classes)

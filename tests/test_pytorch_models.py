@@ -124,3 +124,20 @@ def test_bad_checkpoints_raise_checkpoint_error(r50_params, r50_npz, tmp_path):
 
     with pytest.raises(CheckpointError):
         models.from_params(parse_arch("R101x1"), r50_params)
+
+
+@pytest.mark.slow
+def test_deeper_architecture_matches_timm(tmp_path, images):
+    timm = pytest.importorskip("timm")
+    path = checkpoint.write_random_checkpoint(tmp_path / "r101.npz", "R101x1", 7, seed=5)
+    m = models.load_npz(path)
+    assert m.arch.name == "R101x1"
+    ref = timm.create_model("resnetv2_101x1_bit", pretrained=False, num_classes=7)
+    ref.load_pretrained(str(path))
+    ref.eval()
+    x = images(2, 97, 97, seed=6)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    diff = np.abs(models.predict(m, x) - want).max()
+    print(f"R101x1 predict vs timm: max |d| = {diff:.2e}")
+    assert diff <= 1e-4
