@@ -41,6 +41,16 @@ def test_resize_is_antialiased_bilinear_like_pil(src, dst):
     assert np.abs(got - want).max() < 0.02  # of 255: float rounding in two implementations
 
 
+@pytest.mark.parametrize("src,dst", [((37, 50), 64), ((64, 48), 24), ((5, 9), 7)])
+def test_resize_is_torchvisions_resize(src, dst):
+    from torchvision.transforms.v2 import functional as TF
+
+    img = _image(*src, seed=2)
+    want = TF.resize(torch.from_numpy(img).permute(2, 0, 1).float().contiguous(), [dst, dst],
+                     antialias=True)
+    torch.testing.assert_close(data.resize(img, dst), want, rtol=0, atol=0)
+
+
 def test_eval_resizes_straight_to_the_crop():
     img = _image(8, 8)
     x = data.eval_image(img, 32)
