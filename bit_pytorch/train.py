@@ -55,16 +55,7 @@ class TorchBackend(loop.Backend):
         if args.precision != "fp32" and not cuda:
             raise BiTError(f"--precision {args.precision} needs a CUDA GPU; this machine has "
                            f"none. Use --precision fp32 (the default) on CPU.")
-        self.rank, self.world = _init_distributed("cuda" if cuda else "cpu")
-        self.is_chief = self.rank == 0
-        if args.batch % self.world:
-            raise BiTError(f"--batch {args.batch} is not divisible by the {self.world} "
-                           f"processes; every process needs the same share of the batch.")
-        local = args.batch // self.world
-        if local % args.batch_split:
-            raise BiTError(f"Each of the {self.world} processes gets {local} examples of the "
-                           f"batch, which --batch_split {args.batch_split} does not divide.")
-        if cuda:
+        if cuda:  # bind the device before joining the process group (NCCL)
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
@@ -74,6 +65,15 @@ class TorchBackend(loop.Backend):
             torch.backends.cudnn.benchmark = True
         else:
             self.device = torch.device("cpu")
+        self.rank, self.world = _init_distributed("cuda" if cuda else "cpu")
+        self.is_chief = self.rank == 0
+        if args.batch % self.world:
+            raise BiTError(f"--batch {args.batch} is not divisible by the {self.world} "
+                           f"processes; every process needs the same share of the batch.")
+        local = args.batch // self.world
+        if local % args.batch_split:
+            raise BiTError(f"Each of the {self.world} processes gets {local} examples of the "
+                           f"batch, which --batch_split {args.batch_split} does not divide.")
         # channels_last feeds tensor cores; on CPU contiguous NCHW is the more accurate path.
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.amp_dtype = _AMP_DTYPES.get(args.precision)

@@ -188,6 +188,11 @@ def test_bad_input_is_a_clear_error(case, r50_npz, ckpt_dir, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()  # nothing written before the error
 
 
+def test_framework_entry_points():
+    assert FRAMEWORK.name == "pytorch"
+    assert callable(FRAMEWORK.load_train_split) and callable(FRAMEWORK.make_backend)
+
+
 def test_bad_input_through_the_real_cli(r50_npz, ckpt_dir, tmp_path):
     """A subprocess proves it: one paragraph on stderr, no traceback, exit status 2."""
     proc = run_cli(cli_args(ckpt_dir, tmp_path, "bad", "--batch_split", "3"))
