@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+# torchvision segfaults when it is imported after tensorflow in one process (seen with
+# torchvision 0.29.1 and tensorflow 2.21); the suite imports every framework, so load it first.
+try:
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 from bit_common import checkpoint
 from bit_common.registry import parse_arch
 

@@ -46,8 +46,9 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 class RunLog:
     """Writes train.log, metrics.jsonl and the console; only the chief process writes files."""
 
-    def __init__(self, run_dir: Path | None, resume_step: int = 0, console: TextIO = sys.stdout):
-        self.console = console
+    def __init__(self, run_dir: Path | None, resume_step: int = 0,
+                 console: TextIO | None = None):
+        self.console = console or sys.stdout
         self._log = self._metrics = None
         if run_dir is not None:
             truncate_metrics(run_dir / "metrics.jsonl", resume_step)
