@@ -1,0 +1,270 @@
+"""bit_tf2.train: the CLI end to end on `digits`, resume, batch_split, 2 replicas, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bit_common import checkpoint, cli, loop
+from bit_common.datasets import get_dataset
+from bit_common.runlog import read_metrics
+
+tf = pytest.importorskip("tensorflow")
+train = pytest.importorskip("bit_tf2.train")
+models = pytest.importorskip("bit_tf2.models")
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--dataset", "digits", "--batch", "8", "--resolution", "40", "32", "--eval_every", "2",
+         "--workers", "1"]
+
+
+def _argv(name: str, logdir: Path, weights: Path, *extra: str) -> list[str]:
+    return ["--name", name, "--model", "BiT-M-R50x1", "--logdir", str(logdir),
+            "--bit_pretrained_dir", str(weights), *QUICK, *extra]
+
+
+def _cli(argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bit_tf2.train", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _max_diff(a: dict, b: dict, prefix: str = "") -> float:
+    keys = [k for k in a if k.startswith(prefix) and not k.startswith("meta/")]
+    assert sorted(keys) == sorted(k for k in b if k.startswith(prefix)
+                                  and not k.startswith("meta/"))
+    return max(float(np.abs(a[k] - b[k]).max()) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, r50_npz):
+    """The required CLI run, in a fresh process: 4 steps, evaluation every 2."""
+    logdir = tmp_path_factory.mktemp("tf2_runs")
+    proc = _cli(_argv("straight", logdir, r50_npz.parent, "--steps", "4"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return logdir / "straight", proc
+
+
+def test_cli_end_to_end(straight):
+    run, proc = straight
+    for name in ("train.log", "metrics.jsonl", "checkpoint.npz", "model.npz", "config.json"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and np.isfinite(r["loss"])
+    train_losses = [r["loss"] for r in records if r["type"] == "train"]
+    assert train_losses[0] == pytest.approx(np.log(10), abs=1e-5)  # zero head: uniform logits
+    assert [r["lr"] for r in records if r["type"] == "train"] == pytest.approx(
+        [0.0, 3e-5, 6e-5, 9e-5])
+    config = json.loads((run / "config.json").read_text())
+    assert config["framework"] == "tf2" and config["crop"] == 32
+    state = _load(run / "checkpoint.npz")
+    assert int(state["meta/step"]) == 4
+    want = checkpoint.expected_shapes(checkpoint.infer_arch(state)[0], 10)
+    assert {k: v.shape for k, v in state.items() if k.startswith("resnet/")} == want
+    assert {k[len(loop.MOMENTUM):]: v.shape for k, v in state.items()
+            if k.startswith(loop.MOMENTUM)} == want
+    # model.npz is the released layout, loadable by the contract.
+    m = models.load_npz(run / "model.npz")
+    assert m.num_classes == 10
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_matches_straight_run(straight, tmp_path, r50_npz):
+    """N/2 steps, then the same command with --steps N, equals N straight steps (<= 1e-6)."""
+    run, _ = straight
+    argv = _argv("halves", tmp_path, r50_npz.parent)
+    assert train.main(argv + ["--steps", "2"]) == 0
+    assert int(_load(tmp_path / "halves" / "checkpoint.npz")["meta/step"]) == 2
+    assert train.main(argv + ["--steps", "4"]) == 0
+    a, b = _load(run / "checkpoint.npz"), _load(tmp_path / "halves" / "checkpoint.npz")
+    assert int(b["meta/step"]) == 4
+    assert _max_diff(a, b, "resnet/") <= 1e-6
+    assert _max_diff(a, b, loop.MOMENTUM) <= 1e-6
+    assert _max_diff(_load(run / "model.npz"), _load(tmp_path / "halves" / "model.npz")) <= 1e-6
+    ra = [r for r in read_metrics(run / "metrics.jsonl")]
+    rb = [r for r in read_metrics(tmp_path / "halves" / "metrics.jsonl")]
+    assert [(r["type"], r["step"]) for r in ra] == [(r["type"], r["step"]) for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    # A finished run does nothing when started again.
+    assert train.main(argv + ["--steps", "4"]) == 0
+
+
+# ---- one optimizer step, in process ---------------------------------------------------------
+def _setup(weights_dir: Path, *extra: str) -> loop.RunSetup:
+    args = cli.build_parser("tf2").parse_args(
+        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", *QUICK, *extra])
+    trainer = loop.Trainer(args, train.FRAMEWORK)
+    setup = trainer._setup(get_dataset("digits"), weights_dir / "BiT-M-R50x1.npz")
+    # Keep the file's non-zero head, so that every parameter gets a gradient.
+    setup.params = checkpoint.read_npz(weights_dir / "BiT-M-R50x1.npz")
+    return setup
+
+
+def _mixup_batch(setup: loop.RunSetup) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    b, crop = setup.args.batch, setup.crop
+    half = b // 2  # partners inside each half, so the batch is valid for 1 and 2 replicas
+    perm = np.concatenate([rng.permutation(half), half + rng.permutation(half)])
+    return {"image": rng.uniform(-1, 1, (b, crop, crop, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, b).astype(np.int32),
+            "mixup_lambda": np.float32(0.7), "mixup_perm": perm.astype(np.int32)}
+
+
+def _close(a: dict, b: dict, prefix: str, tol: float = 1e-5) -> None:
+    """Every array under `prefix` agrees to `tol`, relative to its scale when that exceeds 1."""
+    for k in a:
+        if k.startswith(prefix):
+            scale = max(1.0, float(np.abs(a[k]).max()))
+            assert float(np.abs(a[k] - b[k]).max()) <= tol * scale, k
+
+
+@pytest.fixture(scope="module")
+def backend(r50_npz):
+    """One backend (batch 8, no split) shared by the step tests; each resets its state."""
+    b = train.TF2Backend(_setup(r50_npz.parent))
+    b.initial = b.get_state()
+    return b
+
+
+def test_batch_split_equivalence(backend, r50_npz):
+    """One step of batch 8 in 4 micro-batches equals one step of batch 8 at once (<= 1e-5)."""
+    backend.set_state(backend.initial)
+    batch = _mixup_batch(backend.setup)
+    loss1 = backend.train_step(batch, 0.1)
+    s1 = backend.get_state()
+    split = train.TF2Backend(_setup(r50_npz.parent, "--batch_split", "4"))
+    loss4 = split.train_step(batch, 0.1)
+    s4 = split.get_state()
+    assert loss1 == pytest.approx(loss4, abs=1e-5)
+    assert _max_diff(s1, backend.initial, "resnet/") > 1e-3  # the step did move the weights
+    _close(s1, s4, "resnet/")
+    _close(s1, s4, loop.MOMENTUM)
+
+
+def test_sgd_is_torch_sgd(backend):
+    """buf = 0.9 buf + g; p -= lr buf, checked on the head against numpy over two steps."""
+    backend.set_state(backend.initial)
+    p0 = backend.initial
+    batch = _mixup_batch(backend.setup)
+    batch["mixup_lambda"] = np.float32(1.0)
+    labels = np.eye(10)[batch["label"]]
+
+    def head_grad(state):
+        feats = models.embed(backend.model, batch["image"])
+        logits = feats @ state[checkpoint.HEAD_KERNEL][0, 0] + state[checkpoint.HEAD_BIAS]
+        prob = np.exp(logits - logits.max(1, keepdims=True))
+        prob /= prob.sum(1, keepdims=True)
+        loss = float(np.mean(-np.log((prob * labels).sum(1))))
+        return loss, ((prob - labels) / len(labels)).sum(0)
+
+    want_loss, g1 = head_grad(p0)
+    loss = backend.train_step(batch, 0.1)
+    assert loss == pytest.approx(want_loss, abs=1e-5)
+    s1 = backend.get_state()
+    bias, mom = checkpoint.HEAD_BIAS, loop.MOMENTUM + checkpoint.HEAD_BIAS
+    np.testing.assert_allclose(s1[mom], g1, atol=1e-5)
+    np.testing.assert_allclose(s1[bias], p0[bias] - 0.1 * g1, atol=1e-5)
+    # Another lr: the buffer holds gradients, not lr-scaled steps (Keras' SGD would differ).
+    _, g2 = head_grad(s1)
+    backend.train_step(batch, 0.01)
+    s2 = backend.get_state()
+    np.testing.assert_allclose(s2[mom], 0.9 * g1 + g2, atol=1e-5)
+    np.testing.assert_allclose(s2[bias], s1[bias] - 0.01 * (0.9 * g1 + g2), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_replicas_equal_one(r50_npz, tmp_path):
+    """The CPU split into 2 logical devices: a MirroredStrategy step equals the 1-device step."""
+    code = f"""
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import sys; sys.path.insert(0, {str(REPO / "tests")!r})
+        from test_tf2_train import _setup, _mixup_batch, _max_diff
+        from bit_tf2 import train
+        from pathlib import Path
+        assert len(tf.config.list_logical_devices("CPU")) == 2
+        setup = _setup(Path({str(r50_npz.parent)!r}), "--batch_split", "2")
+        batch = _mixup_batch(setup)
+        out = []
+        for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), train.make_strategy()):
+            backend = train.TF2Backend(setup, strategy=strategy)
+            loss = backend.train_step(batch, 0.1)
+            out.append((backend.replicas, loss, backend.get_state()))
+        (r1, a, s1), (r2, b, s2) = out
+        print(r1, r2, abs(a - b), _max_diff(s1, s2, "resnet/"), _max_diff(s1, s2, "momentum/"))
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r1, r2, dl, dp, dm = proc.stdout.split()[-5:]
+    assert (int(r1), int(r2)) == (1, 2)
+    assert float(dl) <= 1e-5
+    assert float(dp) <= 1e-5 and float(dm) <= 1e-5
+
+
+# ---- bad input: one paragraph on stderr, exit 2, no traceback, nothing written ----------------
+def test_bad_input_through_the_cli(tmp_path, r50_npz):
+    proc = _cli(_argv("bad", tmp_path, r50_npz.parent, "--batch_split", "3"))
+    assert proc.returncode == 2
+    assert "not divisible by --batch_split" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_inputs(capsys, tmp_path, r50_npz, r50_params):
+    weights = r50_npz.parent
+    _fails(capsys, _argv("a", tmp_path, weights, "--model", "BiT-M-R50x2"), "Did you mean")
+    _fails(capsys, _argv("a", tmp_path, weights, "--dataset", "digit"), "Unknown dataset")
+    _fails(capsys, _argv("a", tmp_path, weights, "--examples_per_class", "1000"),
+           "--examples_per_class 1000")
+    # A file of another architecture, and a truncated one, under the expected name.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "BiT-M-R101x1.npz").write_bytes(r50_npz.read_bytes())
+    _fails(capsys, _argv("a", tmp_path, other, "--model", "BiT-M-R101x1"), "R50x1", "R101x1")
+    (other / "BiT-M-R50x1.npz").write_bytes(r50_npz.read_bytes()[:50_000])
+    _fails(capsys, _argv("a", tmp_path, other), "BiT-M-R50x1.npz", "not a readable")
+    bad = dict(r50_params)
+    bad["resnet/block1/unit02/b/standardized_conv2d/kernel"] = np.zeros((3, 3, 64, 32),
+                                                                         np.float32)
+    np.savez(other / "BiT-M-R50x1.npz", **bad)
+    _fails(capsys, _argv("a", tmp_path, other), "block1/unit02/b/standardized_conv2d/kernel",
+           "(3, 3, 64, 32)", "(3, 3, 64, 64)")
+    if not tf.config.list_physical_devices("GPU"):
+        _fails(capsys, _argv("a", tmp_path, weights, "--precision", "bf16"), "needs a GPU")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root ignores permissions
+            _fails(capsys, ["--name", "a", "--model", "BiT-M-R50x1", "--logdir", str(locked),
+                            "--bit_pretrained_dir", str(weights), *QUICK], "not writable")
+    finally:
+        locked.chmod(0o700)
+    assert not (tmp_path / "a").exists()
