@@ -30,7 +30,7 @@ parity: install
 	$(PYTEST) parity_tests -q
 
 bench: install
-	$(PY) -m bit_common.bench
+	$(PY) -m benchmarks.bench
 
 reproduce: install
 	$(PY) -m bit_common.reproduce $(if $(RUN),--run,)

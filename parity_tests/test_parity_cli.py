@@ -1,0 +1,137 @@
+"""The three train CLIs, run as a user runs them, agree: flags, few-shot subset, learning rates,
+losses, weights after a step, and the metrics schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bit_common import cli
+from bit_common.runlog import read_metrics
+from parity_tests.frameworks import FRAMEWORKS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(framework: str, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", f"bit_{framework}.train", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_help_is_the_same_in_all_three():
+    def words(text: str) -> list[str]:  # the usage line wraps by the program name's length
+        return text.split()
+
+    reference = words(cli.build_parser("<framework>").format_help())
+    for fw in FRAMEWORKS:
+        out = train(fw, "--help").stdout
+        assert words(out.replace(f"bit_{fw}.train", "bit_<framework>.train")) == reference
+
+
+def common_flags(logdir: Path, weights: Path, name: str, steps: int, *extra: str) -> list[str]:
+    return ["--name", name, "--model", "BiT-M-R50x1", "--logdir", str(logdir),
+            "--bit_pretrained_dir", str(weights), "--dataset", "digits",
+            "--examples_per_class", "2", "--examples_per_class_seed", "3", "--batch", "8",
+            "--resolution", "40", "32", "--no-augment", "--base_lr", "0.3", "--workers", "1",
+            "--batch_eval", "120", "--steps", str(steps), *extra]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, r50_npz):
+    """Each CLI trains 3 steps from the same checkpoint on the same few-shot digits.
+
+    Step 1 has lr 0 (warm-up) and the head starts at zero, so step 3 is the first to move the
+    backbone.
+    """
+    logdir = tmp_path_factory.mktemp("parity_runs")
+    for fw in FRAMEWORKS:
+        train(fw, *common_flags(logdir, r50_npz.parent, fw, 3))
+    return logdir
+
+
+def _state(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "checkpoint.npz") as f:
+        return {k: f[k] for k in f.files if k.startswith(("resnet/", "momentum/"))}
+
+
+def test_same_few_shot_subset_and_learning_rates(three_steps):
+    configs = {fw: json.loads((three_steps / fw / "config.json").read_text()) for fw in FRAMEWORKS}
+    subsets = {fw: c["few_shot_indices"] for fw, c in configs.items()}
+    assert len(subsets["pytorch"]) == 20 and subsets["pytorch"] == subsets["jax"] == subsets["tf2"]
+    lrs = {fw: [r["lr"] for r in read_metrics(three_steps / fw / "metrics.jsonl")
+                if r["type"] == "train"] for fw in FRAMEWORKS}
+    assert lrs["pytorch"] == lrs["jax"] == lrs["tf2"] and len(lrs["pytorch"]) == 3
+
+
+def test_same_metrics_schema(three_steps):
+    schemas = {fw: sorted({(r["type"], tuple(sorted(r))) for r in
+                           read_metrics(three_steps / fw / "metrics.jsonl")}) for fw in FRAMEWORKS}
+    assert schemas["pytorch"] == schemas["jax"] == schemas["tf2"]
+    assert {t for t, _ in schemas["pytorch"]} == {"train", "eval"}
+
+
+def _worst_relative(states: dict, prefix: str) -> tuple[float, str]:
+    worst, where = 0.0, ""
+    for key in (k for k in states["pytorch"] if k.startswith(prefix)):
+        scale = max(float(np.abs(states["pytorch"][key]).max()), 1e-3)
+        for fw in ("jax", "tf2"):
+            rel = float(np.abs(states[fw][key] - states["pytorch"][key]).max()) / scale
+            if rel > worst:
+                worst, where = rel, f"{key} ({fw} vs pytorch)"
+    return worst, where
+
+
+def test_same_weights_and_loss_after_training_steps(three_steps, r50_params, report):
+    states = {fw: _state(three_steps / fw) for fw in FRAMEWORKS}
+    key = "resnet/block1/unit01/a/standardized_conv2d/kernel"
+    moved = float(np.abs(states["pytorch"][key] - r50_params[key]).max())
+    weights, w_where = _worst_relative(states, "resnet/")
+    momenta, m_where = _worst_relative(states, "momentum/")
+    report(f"3 CLI steps: max relative |Δ| weights {weights:.2e} at {w_where}; momentum "
+           f"{momenta:.2e} at {m_where}; body weights moved by up to {moved:.2e}")
+    assert moved > 1e-6  # the steps really changed the backbone
+    assert weights <= 1e-5
+    assert momenta <= 1e-4  # momentum = raw gradients: float32 noise of the forward, unscaled
+    losses = {fw: [r["loss"] for r in read_metrics(three_steps / fw / "metrics.jsonl")
+                   if r["type"] == "train"] for fw in FRAMEWORKS}
+    d = max(abs(a - b) for fw in ("jax", "tf2") for a, b in zip(losses[fw], losses["pytorch"]))
+    report(f"3 CLI steps: max |Δ| loss {d:.2e}")
+    assert d <= 1e-4
+
+
+@pytest.mark.slow
+def test_loss_curves_agree_over_ten_steps(three_steps, report):
+    """Resuming the 2-step runs to 10 steps: also proves resume behaves the same everywhere."""
+    for fw in FRAMEWORKS:
+        train(fw, *common_flags(three_steps, Path(_weights_dir(three_steps, fw)), fw, 10))
+    curves = {fw: [r["loss"] for r in read_metrics(three_steps / fw / "metrics.jsonl")
+                   if r["type"] == "train"] for fw in FRAMEWORKS}
+    assert all(len(c) == 10 for c in curves.values())
+    d = max(abs(a - b) for fw in ("jax", "tf2") for a, b in zip(curves[fw], curves["pytorch"]))
+    report(f"10 CLI steps: max |Δ| loss {d:.2e}")
+    assert d <= 1e-3
+
+
+def _weights_dir(logdir: Path, fw: str) -> str:
+    return json.loads((logdir / fw / "config.json").read_text())["bit_pretrained_dir"]
+
+
+@pytest.mark.slow
+def test_batch_split_gives_the_same_step_in_all_three(tmp_path, r50_npz, report):
+    states = {}
+    for fw in FRAMEWORKS:
+        train(fw, *common_flags(tmp_path, r50_npz.parent, fw, 3, "--batch_split", "4"))
+        states[fw] = _state(tmp_path / fw)
+    worst, where = _worst_relative(states, "resnet/")
+    report(f"3 CLI steps with --batch_split 4: max relative |Δ| weights {worst:.2e} at {where}")
+    assert worst <= 1e-5
