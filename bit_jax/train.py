@@ -64,7 +64,8 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh) -> Ca
 
     `batch` holds image [B, H, W, 3], label [B], mixup_lambda [], mixup_perm [B]. Mixup is applied
     to the whole batch, then the batch is cut into `batch_split` contiguous micro-batches whose
-    gradients of (micro-loss / k) are summed. The state buffers are donated.
+    gradients of (micro-loss / k) are summed by a `lax.scan`. Two compiled functions (the mixup
+    products, then the step proper); the state buffers are donated.
     """
     key = (_module_key(module), batch_split, mesh.devices.tobytes(), tuple(mesh.devices.shape))
     if key in _STEP_CACHE:
@@ -80,12 +81,20 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh) -> Ca
 
     grad_fn = jax.value_and_grad(micro_loss)
 
-    def step(state, batch, lr):
+    def mix(image, lam, perm):
+        # The two products of mixup, in their own executable: if the sum were compiled
+        # together with them, XLA could fuse it into a multiply-add and round differently from
+        # numpy's / torch's `lam * x + (1 - lam) * x[perm]` (and from other compilations of the
+        # step). The max pool's arg-max, and so the gradient, is sensitive to that last bit.
+        x = image.astype(jnp.float32)
+        lam = lam.astype(jnp.float32)
+        return lam * x, (1 - lam) * x[perm]
+
+    def core(state, batch, lr):
         params, opt_state = state
         lam = batch["mixup_lambda"].astype(jnp.float32)
         perm = batch["mixup_perm"]
-        x = batch["image"].astype(jnp.float32)
-        x = lam * x + (1 - lam) * x[perm]
+        x = batch["image"] + batch["partner"]
         y = batch["label"]
         y_mix = y[perm]
         if k == 1:
@@ -110,9 +119,15 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh) -> Ca
         params = jax.tree.map(lambda p, u: p - lr.astype(p.dtype) * u, params, updates)
         return (params, opt_state), loss
 
-    fn = jax.jit(step, out_shardings=replicated, donate_argnums=(0,))
-    _STEP_CACHE[key] = fn
-    return fn
+    mix_fn = jax.jit(mix)
+    core_fn = jax.jit(core, out_shardings=replicated, donate_argnums=(0,))
+
+    def step(state, batch, lr):
+        image, partner = mix_fn(batch["image"], batch["mixup_lambda"], batch["mixup_perm"])
+        return core_fn(state, {**batch, "image": image, "partner": partner}, lr)
+
+    _STEP_CACHE[key] = step
+    return step
 
 
 def init_state(params: Mapping[str, np.ndarray], mesh: Mesh,
