@@ -19,7 +19,6 @@ from conftest import random_images
 tf = pytest.importorskip("tensorflow")
 models = pytest.importorskip("bit_tf2.models")
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_python(code: str, cwd: Path, timeout: int = 300) -> str:
