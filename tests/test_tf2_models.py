@@ -20,7 +20,6 @@ tf = pytest.importorskip("tensorflow")
 models = pytest.importorskip("bit_tf2.models")
 
 
-
 def _run_python(code: str, cwd: Path, timeout: int = 300) -> str:
     """Run `code` in a fresh interpreter (torch/triton must not share a process with TF: importing
     triton after TensorFlow crashes); returns stdout, fails the test with stderr otherwise."""
