@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -133,16 +134,53 @@ def validate(params: Mapping[str, np.ndarray], arch: Arch, num_classes: int,
             "(--model), or a complete, unmodified released file.")
 
 
-def load_params(path: str | os.PathLike, num_classes: int | None = None) -> tuple[Arch, Params]:
-    """Read, infer and validate a checkpoint; with `num_classes`, replace the head by zeros."""
+def load_params(path: str | os.PathLike, num_classes: int | None = None,
+                expected: Arch | None = None) -> tuple[Arch, Params]:
+    """Read, infer and validate a checkpoint; with `num_classes`, replace the head by zeros.
+
+    With `expected` (the architecture the user asked for), a file of another architecture is
+    named as such, and a damaged one is checked key by key against the expected layout.
+    """
     params = read_npz(path)
-    arch, classes = infer_arch(params, source=f"Checkpoint {str(path)!r}")
-    validate(params, arch, classes, source=f"Checkpoint {str(path)!r}")
+    source = f"Checkpoint {str(path)!r}"
+    try:
+        arch, classes = infer_arch(params, source=source)
+    except CheckpointError:
+        if expected is None or HEAD_BIAS not in params:
+            raise
+        arch, classes = expected, int(params[HEAD_BIAS].shape[0])
+    if expected is not None and arch != expected:
+        raise CheckpointError(
+            f"{source} holds a {arch.name}, but a {expected.name} was asked for. Pass the "
+            f"released file of the model you name (--model), or name the model this file is.")
+    validate(params, arch, classes, source=source)
     if num_classes is not None:
         params = dict(params)
         params[HEAD_KERNEL] = np.zeros((1, 1, arch.feature_dim, num_classes), np.float32)
         params[HEAD_BIAS] = np.zeros((num_classes,), np.float32)
     return arch, params
+
+
+TMP_SUFFIX = ".tmp"
+# Fault injection for the reliability tests: SIGKILL this process in the middle of its N-th
+# atomic write (after the data, before the rename), as a power cut or `kill -9` would.
+KILL_ON_SAVE_ENV = "BIT_TEST_KILL_ON_SAVE"
+_saves = 0
+
+
+def _maybe_die_mid_write() -> None:
+    global _saves
+    _saves += 1
+    if os.environ.get(KILL_ON_SAVE_ENV) == str(_saves):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files left by writes that were killed before their rename."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
@@ -152,11 +190,12 @@ def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> N
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
+            _maybe_die_mid_write()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -134,6 +134,8 @@ class Trainer:
         run_dir_or_none = run_dir if backend.is_chief else None
         if run_dir_or_none:
             run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in checkpoint.remove_stale_temporaries(run_dir):
+                print(f"Removed {stale}, left by a write that was interrupted.")
             _write_config(run_dir, args, setup, self.framework.name)
         log = RunLog(run_dir_or_none, resume_step=start)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -182,12 +184,8 @@ class Trainer:
         else:
             hw = info.image_hw or image_hw(train.paths[0])
             resize, crop = hyperrule.get_resolution(hw)
-        arch, params = checkpoint.load_params(weights, num_classes=num_classes)
-        if arch != registry.get_model(args.model).arch:
-            raise CheckpointError(
-                f"{weights} holds a {arch.name} but --model {args.model} is a "
-                f"{registry.get_model(args.model).arch.name}. Replace the file with the "
-                f"released {registry.get_model(args.model).filename}.")
+        arch, params = checkpoint.load_params(weights, num_classes=num_classes,
+                                              expected=registry.get_model(args.model).arch)
         plan = InputPlan(n, args.batch, resize, crop, seed=args.seed,
                          mixup_alpha=hyperrule.get_mixup(n), augment=args.augment)
         return RunSetup(args, info, train, indices, num_classes, arch, params, plan, resize, crop)
@@ -242,10 +240,16 @@ class Trainer:
             return
         state["meta/step"] = np.asarray(step, np.int64)
         state["meta/config"] = np.asarray(json.dumps(_resume_config(self.args)))
-        checkpoint.atomic_savez(run_dir / CHECKPOINT, state)
-        if final:
-            checkpoint.save_params({k: v for k, v in state.items() if k.startswith("resnet/")},
-                                   run_dir / FINAL_MODEL)
+        try:
+            checkpoint.atomic_savez(run_dir / CHECKPOINT, state)
+            if final:
+                checkpoint.save_params({k: v for k, v in state.items()
+                                        if k.startswith(checkpoint.PREFIX)},
+                                       run_dir / FINAL_MODEL)
+        except OSError as e:
+            raise BiTError(f"Could not write the checkpoint of step {step} to {run_dir} "
+                           f"({e.strerror or e}). The previous checkpoint there is intact; free "
+                           f"space or fix the folder, then run the same command to resume.") from None
 
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: Any) -> None:

@@ -168,3 +168,22 @@ def test_weights_cli(tmp_path, file_server, monkeypatch, capsys):
     assert (tmp_path / "vtab" / "BiT-M-R50x1-run0-dtd.npz").stat().st_size == 3_000_000
     assert weights.main(["BiT-M-R50x1", "--dir", str(tmp_path)]) == 2
     assert "error: Could not download" in capsys.readouterr().err
+
+
+def test_expected_architecture_names_missing_units_and_other_files(tmp_path, r50_params):
+    damaged = tmp_path / "d.npz"
+    np.savez(damaged, **{k: v for k, v in r50_params.items() if "block4/unit03" not in k})
+    with pytest.raises(CheckpointError, match="matches no released architecture"):
+        checkpoint.load_params(damaged)
+    with pytest.raises(CheckpointError, match=r"9 missing key\(s\), first "
+                                              r"'resnet/block4/unit03/a/group_norm/gamma'"):
+        checkpoint.load_params(damaged, expected=R50)
+    with pytest.raises(CheckpointError, match="holds a R50x1, but a R50x3 was asked for"):
+        checkpoint.load_params(_saved(tmp_path, r50_params),
+                               expected=parse_arch("R50x3"))
+
+
+def _saved(tmp_path, params):
+    path = tmp_path / "ok.npz"
+    np.savez(path, **params)
+    return path

@@ -208,4 +208,4 @@ def test_wrong_architecture_file_is_explained(run, tmp_path):
     weights = tmp_path / "w"
     checkpoint.write_random_checkpoint(weights / "BiT-M-R101x1.npz", "R50x1", 10)
     code, err, _ = run("--model", "BiT-M-R101x1", "--bit_pretrained_dir", str(weights))
-    assert code == 2 and "holds a R50x1 but --model BiT-M-R101x1 is a R101x1" in err
+    assert code == 2 and "holds a R50x1, but a R101x1 was asked for" in err
