@@ -75,3 +75,17 @@ def test_reproduce_prints_commands(capsys):
     assert len(lines) == 3 and all(re.search(r"--examples_per_class_seed 3", l) for l in lines)
     assert {l.split()[2] for l in lines} == {"bit_tf2.train", "bit_jax.train", "bit_pytorch.train"}
     assert np.all(["--batch 128 --base_lr 0.001" in l for l in lines])
+
+
+def test_demo_uses_real_weights_when_present_else_says_random(tmp_path, monkeypatch, r50_npz):
+    from bit_common import demo
+    monkeypatch.setenv("BIT_OFFLINE", "1")
+    real_dir = tmp_path / "weights"
+    real_dir.mkdir()
+    (real_dir / "BiT-M-R50x1.npz").symlink_to(r50_npz)
+    assert demo.prepare_weights("BiT-M-R50x1", real_dir, tmp_path / "rand") == (real_dir, True)
+    folder, real = demo.prepare_weights("BiT-S-R50x1", real_dir, tmp_path / "rand")
+    assert (folder, real) == (tmp_path / "rand", False)
+    from bit_common import checkpoint
+    arch, params = checkpoint.load_params(folder / "BiT-S-R50x1.npz")
+    assert arch.name == "R50x1" and params[checkpoint.HEAD_BIAS].shape == (1000,)
