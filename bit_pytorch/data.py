@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,10 +271,17 @@ def _worker_init(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _worker_context() -> str | None:
+    """Fork workers, unless JAX or TensorFlow runs threads in this process (notebooks, tests,
+    benchmarks import them beside torch): forking those can deadlock, so start a forkserver."""
+    return "forkserver" if {"jax", "tensorflow"} & sys.modules.keys() else None
+
+
 def _loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-                      worker_init_fn=_worker_init if workers else None)
+                      worker_init_fn=_worker_init if workers else None,
+                      multiprocessing_context=_worker_context() if workers else None)
 
 
 def _collate(items):
