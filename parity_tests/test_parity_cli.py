@@ -38,11 +38,12 @@ def test_help_is_the_same_in_all_three():
         assert words(out.replace(f"bit_{fw}.train", "bit_<framework>.train")) == reference
 
 
-def common_flags(logdir: Path, weights: Path, name: str, steps: int, *extra: str) -> list[str]:
+def common_flags(logdir: Path, weights: Path, name: str, steps: int, *extra: str,
+                 base_lr: float = 0.3) -> list[str]:
     return ["--name", name, "--model", "BiT-M-R50x1", "--logdir", str(logdir),
             "--bit_pretrained_dir", str(weights), "--dataset", "digits",
             "--examples_per_class", "2", "--examples_per_class_seed", "3", "--batch", "8",
-            "--resolution", "40", "32", "--no-augment", "--base_lr", "0.3", "--workers", "1",
+            "--resolution", "40", "32", "--no-augment", "--base_lr", str(base_lr), "--workers", "1",
             "--batch_eval", "120", "--steps", str(steps), *extra]
 
 
@@ -118,20 +119,24 @@ def test_same_weights_and_loss_after_training_steps(three_steps, r50_params, rep
 
 
 @pytest.mark.slow
-def test_loss_curves_agree_over_ten_steps(three_steps, report):
-    """Resuming the 2-step runs to 10 steps: also proves resume behaves the same everywhere."""
+def test_loss_curves_agree_over_ten_steps(tmp_path, r50_npz, report):
+    """10 steps at the rule's learning rate, stopped after 5 and resumed.
+
+    The digits have flat backgrounds, so the root max pool sees exact ties, which each framework
+    breaks its own way when routing gradients. At the rule's base_lr the curves stay within
+    1e-3; at 10x it (0.03) they agree to 1e-5 for 7 steps, then the 20-image few-shot fit
+    amplifies the difference ~10x per step (2.6e-2 by step 10, all three pairs alike).
+    """
     for fw in FRAMEWORKS:
-        train(fw, *common_flags(three_steps, Path(_weights_dir(three_steps, fw)), fw, 10))
-    curves = {fw: [r["loss"] for r in read_metrics(three_steps / fw / "metrics.jsonl")
+        for steps in (5, 10):
+            train(fw, *common_flags(tmp_path, r50_npz.parent, fw, steps, base_lr=0.003))
+    curves = {fw: [r["loss"] for r in read_metrics(tmp_path / fw / "metrics.jsonl")
                    if r["type"] == "train"] for fw in FRAMEWORKS}
     assert all(len(c) == 10 for c in curves.values())
+    assert curves["pytorch"][-1] < curves["pytorch"][0] - 0.05  # it really learns
     d = max(abs(a - b) for fw in ("jax", "tf2") for a, b in zip(curves[fw], curves["pytorch"]))
-    report(f"10 CLI steps: max |Δ| loss {d:.2e}")
+    report(f"10 CLI steps (resumed at 5): max |Δ| loss {d:.2e}")
     assert d <= 1e-3
-
-
-def _weights_dir(logdir: Path, fw: str) -> str:
-    return json.loads((logdir / fw / "config.json").read_text())["bit_pretrained_dir"]
 
 
 @pytest.mark.slow
