@@ -40,6 +40,23 @@ RESUME_KEYS = ("model", "dataset", "examples_per_class", "examples_per_class_see
                "base_lr", "seed", "resolution", "augment")
 
 
+def join_state(params: dict[str, np.ndarray], momentum: dict[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+    """One checkpoint state from canonical params and momentum buffers (same keys)."""
+    return {**params, **{MOMENTUM + k: v for k, v in momentum.items()}}
+
+
+def split_state(state: dict[str, np.ndarray], arch: registry.Arch, num_classes: int
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(params, momentum) of a checkpoint state, both validated against the architecture."""
+    params = {k: v for k, v in state.items() if k.startswith(checkpoint.PREFIX)}
+    momentum = {k[len(MOMENTUM):]: v for k, v in state.items() if k.startswith(MOMENTUM)}
+    checkpoint.validate(params, arch, num_classes, source="The run folder's checkpoint")
+    checkpoint.validate(momentum, arch, num_classes,
+                        source="The momentum buffers of the run folder's checkpoint")
+    return params, momentum
+
+
 @dataclass
 class RunSetup:
     """Everything a backend needs, decided by the shared code."""

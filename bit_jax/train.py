@@ -30,7 +30,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bit_common import checkpoint, loop
+from bit_common import loop
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import BiTError
 from bit_jax import models
@@ -182,22 +182,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 def state_to_canonical(state: tuple, arch, num_classes: int) -> dict[str, np.ndarray]:
     """Canonical params plus `momentum/<canonical key>` from the (params, trace state) pair."""
     params, opt_state = state
-    out = models.params_to_canonical(params, arch, num_classes)
-    mom = models.params_to_canonical(opt_state.trace, arch, num_classes)
-    out.update({loop.MOMENTUM + k: v for k, v in mom.items()})
-    return out
-
-
-def split_canonical_state(state: Mapping[str, np.ndarray], arch, num_classes: int
-                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(params, momentum) of a checkpoint's state, both validated against the architecture."""
-    params = {k: v for k, v in state.items() if k.startswith(checkpoint.PREFIX)}
-    momentum = {k[len(loop.MOMENTUM):]: v for k, v in state.items()
-                if k.startswith(loop.MOMENTUM)}
-    checkpoint.validate(params, arch, num_classes, source="The run's checkpoint")
-    checkpoint.validate(momentum, arch, num_classes,
-                        source="The momentum buffers of the run's checkpoint")
-    return params, momentum
+    return loop.join_state(models.params_to_canonical(params, arch, num_classes),
+                           models.params_to_canonical(opt_state.trace, arch, num_classes))
 
 
 # ---- the backend the shared loop drives -----------------------------------------------------
@@ -257,7 +243,7 @@ class JaxBackend(loop.Backend):
         return state_to_canonical(self.state, self.setup.arch, self.setup.num_classes)
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
-        params, momentum = split_canonical_state(state, self.setup.arch, self.setup.num_classes)
+        params, momentum = loop.split_state(state, self.setup.arch, self.setup.num_classes)
         self.state = init_state(params, self.mesh, momentum)
 
     def agree(self, flag: bool) -> bool:

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bit_common import checkpoint, hyperrule, loop
-from bit_common.checkpoint import PREFIX
 from bit_common.datasets import DatasetInfo, Split
-from bit_common.errors import BiTError, CheckpointError
-from bit_common.loop import MOMENTUM, RunSetup
+from bit_common.errors import BiTError
+from bit_common.loop import RunSetup
 from bit_pytorch import data, models
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -192,30 +191,20 @@ class TorchBackend(loop.Backend):
     def get_state(self) -> dict[str, np.ndarray]:
         arch, c = self.setup.arch, self.setup.num_classes
         state = models.to_params(self.model)
-        momentum = checkpoint.from_framework(self._momentum(), arch, c, "pytorch")
-        state.update({MOMENTUM + k: v for k, v in momentum.items()})
-        return state
+        return loop.join_state(state, checkpoint.from_framework(self._momentum(), arch, c,
+                                                                "pytorch"))
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         arch, c = self.setup.arch, self.setup.num_classes
-        params = {k: v for k, v in state.items() if k.startswith(PREFIX)}
-        momentum = {k[len(MOMENTUM):]: v for k, v in state.items() if k.startswith(MOMENTUM)}
-        checkpoint.validate(params, arch, c, source="The run folder's checkpoint")
-        if momentum:
-            checkpoint.validate(momentum, arch, c,
-                                source="The momentum in the run folder's checkpoint")
+        params, momentum = loop.split_state(state, arch, c)
         fw_params = checkpoint.to_framework(params, "pytorch")
-        fw_momentum = checkpoint.to_framework(momentum, "pytorch") if momentum else {}
-        missing = set(self.params) - set(fw_params)
-        if missing:
-            raise CheckpointError(f"The run folder's checkpoint lacks {sorted(missing)[0]!r}.")
+        fw_momentum = checkpoint.to_framework(momentum, "pytorch")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(torch.from_numpy(np.asarray(fw_params[name], np.float32)))
-                if name in fw_momentum:
-                    buf = torch.empty_like(p).copy_(
-                        torch.from_numpy(np.asarray(fw_momentum[name], np.float32)))
-                    self.optimizer.state[p]["momentum_buffer"] = buf
+                buf = torch.empty_like(p).copy_(
+                    torch.from_numpy(np.asarray(fw_momentum[name], np.float32)))
+                self.optimizer.state[p]["momentum_buffer"] = buf
 
     def agree(self, flag: bool) -> bool:
         if self.world == 1:

@@ -262,17 +262,11 @@ class TF2Backend(loop.Backend):
         state = models.to_params(self.model)
         mom = checkpoint.from_framework({n: b.numpy() for n, b in zip(self.names, self.momentum)},
                                         arch, classes, models.FRAMEWORK)
-        state.update({loop.MOMENTUM + k: v for k, v in mom.items()})
-        return state
+        return loop.join_state(state, mom)
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         arch, classes = self.setup.arch, self.setup.num_classes
-        params = {k: v for k, v in state.items() if k.startswith(checkpoint.PREFIX)}
-        momentum = {k[len(loop.MOMENTUM):]: v for k, v in state.items()
-                    if k.startswith(loop.MOMENTUM)}
-        checkpoint.validate(params, arch, classes, source="The run's checkpoint")
-        checkpoint.validate(momentum, arch, classes,
-                            source="The momentum buffers of the run's checkpoint")
+        params, momentum = loop.split_state(state, arch, classes)
         models.assign_params(self.model, params)
         mom = checkpoint.to_framework(momentum, models.FRAMEWORK)
         for name, buf in zip(self.names, self.momentum):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint
+from bit_common import checkpoint, loop
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
 from conftest import random_images
@@ -262,14 +262,14 @@ def test_state_round_trip(step_inputs, step1):
     params, _, mesh, _ = step_inputs
     new, _ = step1
     arch = parse_arch("R50x1")
-    p, m = train.split_canonical_state(new, arch, 10)
+    p, m = loop.split_state(new, arch, 10)
     again = train.state_to_canonical(train.init_state(p, mesh, m), arch, 10)
     assert again.keys() == new.keys()
     assert all(np.array_equal(again[k], new[k]) for k in new)
     broken = dict(new)
     del broken["momentum/" + checkpoint.HEAD_BIAS]
     with pytest.raises(checkpoint.CheckpointError, match="momentum"):
-        train.split_canonical_state(broken, arch, 10)
+        loop.split_state(broken, arch, 10)
 
 
 TWO_DEVICES = textwrap.dedent("""
