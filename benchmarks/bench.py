@@ -174,7 +174,7 @@ def pipeline_speed(batch: int, crop: int, batches: int, folder: Path) -> dict[st
 
 # ---- memory of a step, per batch split (one fresh process each) ------------------------------
 def step_memory(fw: str, batch: int, crop: int, split: int) -> float:
-    """MiB of resident memory a training step adds on top of the process after warm-up."""
+    """MiB of resident memory training steps add on top of the loaded model (fresh process)."""
     code = (f"import benchmarks.bench as b; print(b._measure_step_memory({fw!r}, {batch}, "
             f"{crop}, {split}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -191,13 +191,17 @@ def _status_kib(field: str) -> int:
 
 
 def _measure_step_memory(fw: str, batch: int, crop: int, split: int) -> float:
+    """Peak resident memory of two training steps above the loaded model and its batch.
+
+    Allocators keep freed memory, so the peak is taken over the first steps, before which no
+    activation was ever allocated (for JAX and TF2 it includes compiling the step).
+    """
     backend = framework(fw).make_backend(make_setup(fw, batch, crop, batch_split=split))
     data = next(backend.train_batches(0))
-    for _ in range(2):
-        backend.train_step(data, 0.001)  # compile, allocate optimizer state
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    backend.train_step(data, 0.001)
+    for _ in range(2):
+        backend.train_step(data, 0.001)
     return (_status_kib("VmHWM") - base) / 1024
 
 
