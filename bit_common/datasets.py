@@ -160,3 +160,24 @@ def image_hw(path: str | Path) -> tuple[int, int]:
     from PIL import Image  # other formats: let Pillow read the header
     with Image.open(path) as img:
         return img.height, img.width
+
+
+def load_folder_or_digits(info: DatasetInfo, datadir: str | None, train: bool,
+                          class_names: list[str] | None = None) -> Split:
+    """`digits`, or a dataset kept as `<datadir>/train/<class>/` and `<datadir>/val/<class>/`.
+
+    The framework-free sources both pipelines share. The validation split takes the training
+    split's class names (read from `train/` when not given) so its labels mean the same.
+    """
+    if info.name == "digits":
+        return load_digits("train" if train else "test")
+    if not datadir:
+        raise DataError(f"--dataset {info.name} needs --datadir (the folder holding "
+                        f"train/<class>/ and val/<class>/).")
+    if train:
+        return scan_image_folder(datadir, "train")
+    if class_names is None:
+        root = Path(datadir) / "train"
+        class_names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() \
+            else None
+    return scan_image_folder(datadir, "val", class_names=class_names)

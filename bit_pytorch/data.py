@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bit_common import datasets
 from bit_common.datasets import DatasetInfo, Split
-from bit_common.errors import BiTError, DataError
+from bit_common.errors import DataError
 from bit_common.plan import InputPlan
 
 DEFAULT_DATADIR = os.path.join("~", ".cache", "bit_datasets")
@@ -81,13 +81,6 @@ def _flowers(args: argparse.Namespace, split: str) -> Split:
                  [str(i) for i in range(102)])
 
 
-def _folder_root(args: argparse.Namespace, info: DatasetInfo) -> str:
-    if not args.datadir:
-        raise BiTError(f"--dataset {info.name} needs --datadir (the folder holding "
-                       f"train/<class>/ and val/<class>/).")
-    return args.datadir
-
-
 def load_train_split(args: argparse.Namespace, info: DatasetInfo) -> Split:
     """The full training split of `--dataset` (labels, and images or image paths)."""
     name = info.name
@@ -97,10 +90,8 @@ def load_train_split(args: argparse.Namespace, info: DatasetInfo) -> Split:
         return _pet(args, "trainval")
     if name == "oxford_flowers102":
         return _flowers(args, "train")
-    if name in ("imagenet2012", "imagefolder"):
-        return datasets.scan_image_folder(_folder_root(args, info), "train")
-    if name == "digits":
-        return datasets.load_digits("train")
+    if name in ("imagenet2012", "imagefolder", "digits"):
+        return datasets.load_folder_or_digits(info, args.datadir, train=True)
     raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
 
 
@@ -113,11 +104,9 @@ def load_eval_split(args: argparse.Namespace, info: DatasetInfo, train: Split) -
         return _pet(args, "test")
     if name == "oxford_flowers102":
         return _flowers(args, "test")
-    if name in ("imagenet2012", "imagefolder"):
-        return datasets.scan_image_folder(_folder_root(args, info), "val",
-                                          class_names=train.class_names)
-    if name == "digits":
-        return datasets.load_digits("test")
+    if name in ("imagenet2012", "imagefolder", "digits"):
+        return datasets.load_folder_or_digits(info, args.datadir, train=False,
+                                              class_names=train.class_names or None)
     raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
 
 

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from bit_common.datasets import DatasetInfo, Split, load_digits, scan_image_folder
+from bit_common.datasets import DatasetInfo, Split, load_folder_or_digits
 from bit_common.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -114,17 +114,8 @@ def _image_folders(args: argparse.Namespace, info: DatasetInfo) -> bool:
 
 
 def _load_split(args: argparse.Namespace, info: DatasetInfo, train: bool) -> Split:
-    if info.name == "digits":
-        return load_digits("train" if train else "test")
-    if _image_folders(args, info):
-        if not getattr(args, "datadir", None):
-            raise DataError(f"--dataset {info.name} needs --datadir (the folder holding "
-                            f"train/<class>/ and val/<class>/).")
-        if train:
-            return scan_image_folder(args.datadir, "train")
-        root = Path(args.datadir) / "train"
-        names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else None
-        return scan_image_folder(args.datadir, "val", class_names=names)
+    if info.name == "digits" or _image_folders(args, info):
+        return load_folder_or_digits(info, getattr(args, "datadir", None), train)
     if info.tfds_name:
         return _load_tfds(args, info, info.train_split if train else info.eval_split)
     raise DataError(f"Dataset {info.name!r} has no loader in the tf.data pipeline.")

@@ -220,3 +220,20 @@ def test_forward_flops_of_r50_match_the_known_4_1_gmacs():
     assert forward_flops(r50, 224, 224) / 2 == pytest.approx(4.09e9, rel=0.01)
     assert train_flops(r50, 128, 128) == 3 * forward_flops(r50, 128, 128)
     assert forward_flops(registry.parse_arch("R50x3"), 224, 224) > 8 * forward_flops(r50, 224, 224)
+
+
+def test_folder_or_digits_source_shared_by_both_pipelines(tmp_path):
+    from bit_common.datasets import load_folder_or_digits
+    folder = get_dataset("imagefolder")
+    for split in ("train", "val"):
+        for cls in ("b", "a"):
+            _write_image(tmp_path / split / cls / "0.png")
+    val = load_folder_or_digits(folder, str(tmp_path), train=False)
+    assert val.class_names == ["a", "b"] and val.labels.tolist() == [0, 1]
+    (tmp_path / "train" / "c").mkdir()
+    _write_image(tmp_path / "train" / "c" / "0.png")
+    with pytest.raises(DataError, match="same class folders"):  # val lacks train's class c
+        load_folder_or_digits(folder, str(tmp_path), train=False)
+    with pytest.raises(DataError, match="needs --datadir"):
+        load_folder_or_digits(folder, None, train=True)
+    assert len(load_folder_or_digits(get_dataset("digits"), None, train=False)) == 360
