@@ -74,21 +74,58 @@ def test_embed_and_odd_sizes(model):
                                rtol=0, atol=1e-4)
 
 
-def test_group_norm_is_bits(model):
-    """Keras' GroupNormalization computes BiT's group norm (32 groups, eps 1e-5, biased var)."""
+def test_group_norm_relu_is_bits(model):
+    """relu(group norm) with 32 groups, eps 1e-5, biased variance; its hand-written gradient
+    equals autodiff of the float64 formula."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2, 5, 7, 64)) * 3 + 1).astype(np.float32)
     gamma, beta = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(
         np.float32)
-    layer = models.group_norm()
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = models.group_norm_relu()
     layer.build(x.shape)
     layer.gamma.assign(gamma)
     layer.beta.assign(beta)
-    g = x.astype(np.float64).reshape(2, 5, 7, 32, 2)
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    var = g.var(axis=(1, 2, 4), keepdims=True)
-    want = ((g - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * gamma + beta
-    np.testing.assert_allclose(layer(x).numpy(), want, rtol=0, atol=1e-5)
+
+    def reference(x, gamma, beta):  # the textbook formula, autodiff in float64
+        g = tf.reshape(x, (2, 5, 7, 32, 2))
+        mean, var = tf.nn.moments(g, axes=[1, 2, 4], keepdims=True)
+        return tf.nn.relu(tf.reshape((g - mean) / tf.sqrt(var + 1e-5), x.shape) * gamma + beta)
+
+    ref_in = [tf.constant(v, tf.float64) for v in (x, gamma, beta)]
+    with tf.GradientTape() as tape:
+        tape.watch(ref_in)
+        want = reference(*ref_in)
+    want_grads = tape.gradient(want, ref_in, output_gradients=tf.constant(dy, tf.float64))
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        got = layer(xt)
+    got_grads = tape.gradient(got, [xt, layer.gamma, layer.beta], output_gradients=dy)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_standardization_and_gradient():
+    """WS over (H, W, I) with eps 1e-10 (a fused batch norm on CPU): values and gradient."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((3, 3, 16, 8)) * 0.05 + 0.01).astype(np.float32)
+    dy = rng.standard_normal(w.shape).astype(np.float32)
+    w64 = tf.constant(w, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(w64)
+        mean, var = tf.nn.moments(w64, axes=[0, 1, 2], keepdims=True)
+        want = (w64 - mean) / tf.sqrt(var + 1e-10)
+    want_grad = tape.gradient(want, w64, output_gradients=tf.constant(dy, tf.float64))
+    wt = tf.constant(w)
+    with tf.GradientTape() as tape:
+        tape.watch(wt)
+        got = models.standardize_kernel(wt)
+    got_grad = tape.gradient(got, wt, output_gradients=dy)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_grad.numpy(), want_grad.numpy(), rtol=1e-4,
+                               atol=1e-4 * np.abs(want_grad.numpy()).max())
 
 
 def test_standardized_conv_is_bits():
