@@ -78,12 +78,14 @@ class PreActBottleneck(nn.Module):
             self.downsample = _conv(cin, cout, 1, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.relu(self.gn1(x))
+        # In-place ReLUs: GroupNorm's backward needs only its input, and every fresh
+        # activation-sized tensor costs page faults on CPU.
+        a = F.relu(self.gn1(x), inplace=True)
         shortcut = self.downsample(a) if hasattr(self, "downsample") else x
         out = self.conv1(a)
-        out = self.conv2(F.relu(self.gn2(out)))
-        out = self.conv3(F.relu(self.gn3(out)))
-        return out + shortcut
+        out = self.conv2(F.relu(self.gn2(out), inplace=True))
+        out = self.conv3(F.relu(self.gn3(out), inplace=True))
+        return out.add_(shortcut)
 
 
 class _ZeroPad(nn.Module):
@@ -109,7 +111,7 @@ class _Head(nn.Module):
         self.conv = nn.Conv2d(features, num_classes, 1, bias=True)
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.gn(x)).mean(dim=(2, 3), keepdim=True)
+        return F.relu(self.gn(x), inplace=True).mean(dim=(2, 3), keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pre_logits(x)).flatten(1)

@@ -92,6 +92,14 @@ def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
 
 
+def _apply_momentum(var: tf.Variable, buf: tf.Variable, grad: tf.Tensor, lr: tf.Tensor,
+                    momentum: tf.Tensor) -> None:
+    """buf = momentum * buf + grad; var -= lr * buf, in place, as one kernel per variable (no
+    parameter-sized temporaries; Keras' SGD applies the learning rate differently)."""
+    tf.raw_ops.ResourceApplyMomentum(var=var.handle, accum=buf.handle, lr=lr, grad=grad,
+                                     momentum=momentum, use_locking=False, use_nesterov=False)
+
+
 # ---- the backend the shared loop drives -----------------------------------------------------
 class TF2Backend(loop.Backend):
     def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
@@ -156,6 +164,9 @@ class TF2Backend(loop.Backend):
             acc = [tf.zeros(p.shape, tf.float32) for p in params]
             total = tf.zeros([], tf.float32)
             for i in tf.range(k):
+                # One micro-batch at a time: by default the while loop may run several
+                # iterations' forward passes at once, which is what splitting must prevent.
+                pass  # tf.autograph.experimental.set_loop_options(parallel_iterations=1)
                 sl = slice(i * m, (i + 1) * m)
                 loss, grads = micro_grads(x[sl], y[sl], y_mix[sl], lam, scale)
                 acc = [a + g for a, g in zip(acc, grads)]
@@ -179,11 +190,12 @@ class TF2Backend(loop.Backend):
                 keep = tf.cast(finite, tf.float32)
             else:
                 keep = tf.constant(1.0)
+            # A skipped step is momentum 1, gradient 0 and learning rate 0: nothing moves.
+            momentum = 1.0 - keep * (1.0 - MOMENTUM)
             for p, buf, g in zip(params, self.momentum, grads):
-                new_buf = MOMENTUM * buf + g
-                new_buf = keep * new_buf + (1 - keep) * buf
-                buf.assign(new_buf)
-                p.assign_sub(keep * lr * new_buf)
+                # The tf.Variable under the Keras variable: per-device copies when mirrored.
+                strategy.extended.update(p.value, _apply_momentum,
+                                         args=(buf, g, keep * lr, momentum), group=False)
             return loss
 
         return step
