@@ -46,3 +46,17 @@ def random_images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def images():
     return random_images
+
+
+def update_difference(a: dict, b: dict, start: dict, prefix: str) -> float:
+    """Relative L2 difference of two updates (a - start, b - start) over all arrays at once.
+
+    Steps that must agree (a batch split, two replicas) are compared this way: another batch
+    size gives other float32 rounding, and at test sizes (32 px) a ReLU input within 1e-6 of
+    zero that flips moves its layer's gradient by up to 1%, while accumulation errors (a
+    micro-batch missed or counted twice, a wrong scale) move the whole update by 10% or more.
+    """
+    keys = [k for k in start if k.startswith(prefix)]
+    da = np.concatenate([(a[k] - start[k]).ravel() for k in keys])
+    db = np.concatenate([(b[k] - start[k]).ravel() for k in keys])
+    return float(np.linalg.norm(da - db) / np.linalg.norm(da))

@@ -16,6 +16,7 @@ holds no parameter names of its own beyond the flax module names that produce th
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,25 +74,102 @@ def _standardize_bwd(axes, eps, res, g):
 _standardize.defvjp(lambda x, axes, eps: _standardize_fwd(x, axes, eps), _standardize_bwd)
 
 
+def _group_mean(t: jax.Array, count: int) -> jax.Array:
+    """Per-channel sums [N, C] -> the mean of each channel's group, again per channel [N, 1, C]."""
+    n, c = t.shape
+    g = t.reshape(n, GN_GROUPS, c // GN_GROUPS).sum(axis=2, keepdims=True) / count
+    return jnp.broadcast_to(g, (n, GN_GROUPS, c // GN_GROUPS)).reshape(n, 1, c)
+
+
+def _group_standardize_fwd(x: jax.Array, eps: float):
+    count = x.shape[1] * (x.shape[2] // GN_GROUPS)
+    mean = _group_mean(x.sum(axis=1), count)
+    centred = x - mean
+    r = lax.rsqrt(_group_mean(jnp.square(centred).sum(axis=1), count) + eps)  # two-pass, biased
+    y = centred * r
+    return y, (y, r)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _group_standardize(x: jax.Array, eps: float) -> jax.Array:
+    """Group standardization of [N, H*W, C] over (H*W, C/32) per image and group.
+
+    Sums over H*W per channel first, then over a group's channels on the small [N, C] result:
+    XLA's CPU reductions of one axis are several times faster than of (H*W, C/32) at once. The
+    gradient is `_standardize_bwd`'s formula with the same two-step reductions.
+    """
+    return _group_standardize_fwd(x, eps)[0]
+
+
+def _group_standardize_bwd(eps, res, g):
+    y, r = res
+    count = y.shape[1] * (y.shape[2] // GN_GROUPS)
+    mg = _group_mean(g.sum(axis=1), count)
+    mgy = _group_mean((g * y).sum(axis=1), count)
+    return (r * (g - mg - y * mgy),)
+
+
+_group_standardize.defvjp(_group_standardize_fwd, _group_standardize_bwd)
+
+
 def standardize_kernel(w: jax.Array) -> jax.Array:
     """Weight standardization of an HWIO kernel over H, W, I (biased variance, eps 1e-10)."""
     k = w.reshape(-1, w.shape[-1])
     return _standardize(k, (0,), WS_EPS).reshape(w.shape)
 
 
+def _contract_rows(a: jax.Array, b: jax.Array, precision) -> jax.Array:
+    """`a^T @ b` for 2-D `a` [M, I] and `b` [M, O] -> [I, O] (a kernel gradient).
+
+    XLA's CPU dot is about twice as fast when the wider operand gives the result's minor
+    dimension, so the narrower one goes first and a wider-first product is transposed after
+    (the [I, O] result is small).
+    """
+    dims = (((0,), (0,)), ((), ()))
+    if a.shape[1] <= b.shape[1]:
+        return lax.dot_general(a, b, dims, precision=precision)
+    return lax.dot_general(b, a, dims, precision=precision).T
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+    """`x @ w` over the last dimension of `x` with 2-D `w`, with explicitly 2-D gradients.
+
+    With autodiff the kernel gradient contracts the three leading dimensions of 4-D operands and
+    XLA's CPU layout assignment then transposes the (large) output gradient before a slow dot;
+    contracting 2-D views keeps every gradient a plain matmul on the arrays as they are laid out.
+    """
+    return _matmul_fwd(x, w, precision)[0]
+
+
+def _matmul_fwd(x, w, precision):
+    x2 = x.reshape(-1, x.shape[-1])
+    y = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), precision=precision)
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x2, w)
+
+
+def _matmul_bwd(precision, res, g):
+    x2, w = res
+    g2 = g.reshape(-1, g.shape[-1])
+    dx = lax.dot_general(g2, w, (((1,), (1,)), ((), ())), precision=precision)
+    return dx.reshape(*g.shape[:-1], w.shape[0]), _contract_rows(x2, g2, precision)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _dot_1x1(x: jax.Array, w: jax.Array, precision) -> jax.Array:
     """A 1x1 convolution as a matmul over the channels (its gradients are matmuls too)."""
-    return lax.dot_general(x, w.reshape(w.shape[-2:]), (((x.ndim - 1,), (0,)), ((), ())),
-                           precision=precision)
+    return _matmul(x, w.reshape(w.shape[-2:]), precision)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_kxk(x: jax.Array, w: jax.Array, stride: int, padding: int, precision) -> jax.Array:
-    """A k x k NHWC/HWIO convolution whose kernel gradient is a sum of k*k matmuls.
+    """A k x k NHWC/HWIO convolution whose kernel gradient is one im2col matmul.
 
     XLA's CPU backend computes a convolution's kernel gradient as a convolution with the batch as
-    the contracted feature dimension (transposing both activations first); one matmul per tap
-    over the (strided) shifted input is several times faster and sums the same products.
+    the contracted feature dimension, several times slower than a matmul over the shifted
+    (strided) input windows, which sums the same products.
     """
     return _conv(x, w, stride, padding, precision)
 
@@ -110,22 +188,75 @@ def _conv_kxk_bwd(stride, padding, precision, res, g):
     x, w = res
     _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, stride, padding, precision), x)
     (dx,) = vjp_x(g)
-    kh, kw = w.shape[:2]
-    ho, wo = g.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            xs = lax.slice(xp, (0, i, j, 0),
-                           (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1,
-                            xp.shape[3]), (1, stride, stride, 1))
-            taps.append(lax.dot_general(xs, g, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                                        precision=precision))
-    dw = jnp.stack(taps).reshape(w.shape)
-    return dx, dw
+    return dx, _conv_kernel_grad(x, g, w.shape, stride, padding, precision)
+
+
+def _conv_kernel_grad(x: jax.Array, g: jax.Array, shape: tuple[int, ...], stride: int,
+                      padding: int, precision) -> jax.Array:
+    """The HWIO kernel gradient as one matmul: transposed patches [k*k*I, M] @ g [M, O].
+
+    The input is transposed once to channel-major [I, N, H, W], so that each tap's (strided)
+    window is a copy of contiguous rows rather than a transpose (XLA's CPU dot otherwise
+    transposes every [M, I] window it is given), and the k*k windows stack along the leading
+    dimension into a matrix whose product with g needs no further layout change.
+    """
+    kh, kw, ci, co = shape
+    n, ho, wo = g.shape[:3]
+    xt = jnp.transpose(x, (3, 0, 1, 2))
+    xt = jnp.pad(xt, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    taps = [lax.slice(xt, (0, 0, i, j),
+                      (ci, n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1),
+                      (1, 1, stride, stride)).reshape(ci, -1)
+            for i in range(kh) for j in range(kw)]
+    cols = jnp.concatenate(taps, axis=0)
+    return jnp.dot(cols, g.reshape(-1, co), precision=precision).reshape(shape)
 
 
 _conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+def _window_taps(x: jax.Array, k: int, stride: int) -> list[jax.Array]:
+    """The k*k strided windows of NHWC `x` (no padding) that a k x k window op combines."""
+    n, h, w, c = x.shape
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    return [lax.slice(x, (0, i, j, 0),
+                      (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                      (1, stride, stride, 1)) for i in range(k) for j in range(k)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: jax.Array, k: int, stride: int) -> jax.Array:
+    """k x k max pool of NHWC `x` without padding; the gradient goes to each window's first max.
+
+    Autodiff of `lax.reduce_window` tracks arg-max indices in a variadic reduction with four
+    index arrays, several times slower on CPU than comparing the k*k windows with the output.
+    """
+    return functools.reduce(jnp.maximum, _window_taps(x, k, stride))
+
+
+def _max_pool_fwd(x, k, stride):
+    y = max_pool(x, k, stride)
+    return y, (x, y)
+
+
+def _max_pool_bwd(k, stride, res, g):
+    x, y = res
+    n, h, w, c = x.shape
+    ho, wo = y.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    dx, taken = None, None
+    for t, tap in enumerate(_window_taps(x, k, stride)):
+        i, j = divmod(t, k)
+        hit = tap == y if taken is None else (tap == y) & ~taken
+        taken = hit if taken is None else taken | hit
+        cfg = ((0, 0, 0), (i, h - i - stride * (ho - 1) - 1, stride - 1),
+               (j, w - j - stride * (wo - 1) - 1, stride - 1), (0, 0, 0))
+        part = lax.pad(jnp.where(hit, g, zero), zero, cfg)
+        dx = part if dx is None else dx + part
+    return (dx,)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class StdConv(nn.Module):
@@ -159,8 +290,8 @@ class GroupNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        xg = x.astype(jnp.float32).reshape(x.shape[0], -1, GN_GROUPS, c // GN_GROUPS)
-        y = _standardize(xg, (1, 3), GN_EPS).reshape(x.shape)
+        x3 = x.astype(jnp.float32).reshape(x.shape[0], -1, c)
+        y = _group_standardize(x3, GN_EPS).reshape(x.shape)
         return (y * scale + bias).astype(self.dtype)
 
 
@@ -272,7 +403,7 @@ class ResNetV2(nn.Module):
         wf, dt = self.width, self.dtype
         x = Conv(64 * wf, 7, 2, 3, dt, name="root_block")(x.astype(dt))
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, not -inf (as the weights expect)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = max_pool(x, 3, 2)
         for b, n in enumerate(Arch(self.depth, self.width).units):
             x = Block(n, 64 * wf * 2 ** b, 1 if b == 0 else 2, dt, name=f"block{b + 1}")(x)
         x = nn.relu(GroupNorm(dt, name="group_norm")(x))
