@@ -244,7 +244,7 @@ def _run(model: nn.Module, images: np.ndarray, embed_only: bool) -> np.ndarray:
     was_training = m.training
     m.eval()
     device = next(m.parameters()).device
-    fmt = memory_format(m)  # on CPU, contiguous NCHW is the more accurate oneDNN path
+    fmt = memory_format(m)  # the inputs follow the kernels' layout
     outs = []
     try:
         with torch.inference_mode(), full_fp32():
