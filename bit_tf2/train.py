@@ -166,7 +166,7 @@ class TF2Backend(loop.Backend):
             for i in tf.range(k):
                 # One micro-batch at a time: by default the while loop may run several
                 # iterations' forward passes at once, which is what splitting must prevent.
-                pass  # tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
                 sl = slice(i * m, (i + 1) * m)
                 loss, grads = micro_grads(x[sl], y[sl], y_mix[sl], lam, scale)
                 acc = [a + g for a, g in zip(acc, grads)]

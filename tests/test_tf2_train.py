@@ -159,6 +159,13 @@ def test_batch_split_equivalence(backend, r50_npz):
         diff = update_difference(s1, s4, backend.initial, prefix)
         print(f"split 4 vs 1, {prefix}: relative L2 of the update {diff:.1e}")
         assert diff < 2e-3, prefix
+    # The micro-batch loop runs one iteration at a time (else the forward passes of several
+    # micro-batches are alive at once and splitting saves no memory).
+    graph = split._step.get_concrete_function(split.distribute(batch),
+                                              tf.constant(0.1)).graph.as_graph_def()
+    loops = [n for f in graph.library.function for n in f.node_def
+             if n.op in ("While", "StatelessWhile")]
+    assert loops and all(n.attr["parallel_iterations"].i == 1 for n in loops)
 
 
 def test_sgd_is_torch_sgd(backend):
