@@ -61,23 +61,40 @@ def test_max_pool_matches_flax_with_ties():
     _close(got, want)
 
 
-def test_group_norm_matches_the_formula_and_its_autodiff():
-    """GroupNorm's two-step reductions and hand-written gradient vs plain (H*W, C/32) moments."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_group_norm_matches_the_formula_and_its_autodiff(relu):
+    """GroupNorm's (+ ReLU's) folded pass and hand-written gradient vs plain (H*W, C/32) moments."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 7, 64), dtype=np.float32) * 3 + 1)
     scale = jnp.asarray(rng.standard_normal(64, dtype=np.float32))
     bias = jnp.asarray(rng.standard_normal(64, dtype=np.float32))
-    gn = models.GroupNorm()
+    gn = models.GroupNorm(relu=relu)
     params = {"params": {"scale": scale, "bias": bias}}
 
     def formula(x, scale, bias):
         g = x.reshape(2, 5, 7, 32, 2)
         mean = g.mean(axis=(1, 2, 4), keepdims=True)
         var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-        return ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+        z = ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+        return nn.relu(z) if relu else z
 
     want = _value_and_grads(formula, x, scale, bias)
     got = _value_and_grads(lambda x, s, b: gn.apply({"params": {"scale": s, "bias": b}}, x),
                            x, scale, bias)
     _close(got, want, rtol=2e-5)
     assert gn.apply(params, x).shape == x.shape
+
+
+def test_group_norm_relu_in_bfloat16():
+    """bfloat16 in and out (statistics in float32); the gradient keeps the input's dtype."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 4, 64), dtype=np.float32))
+    params = {"params": {"scale": jnp.ones(64), "bias": jnp.zeros(64)}}
+    gn32, gn16 = models.GroupNorm(relu=True), models.GroupNorm(jnp.bfloat16, relu=True)
+    want = gn32.apply(params, x)
+    got = gn16.apply(params, x.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) <= 0.05
+    dx = jax.grad(lambda x: jnp.sum(gn16.apply(params, x).astype(jnp.float32)))(
+        x.astype(jnp.bfloat16))
+    assert dx.dtype == jnp.bfloat16
