@@ -165,6 +165,9 @@ class GroupNormReLU(keras.layers.Layer):
     `gamma`/`beta`; statistics in float32 under mixed precision. BiT follows every group norm
     with a ReLU, so the two are one op with one hand-written gradient."""
 
+    def __init__(self, **kwargs):
+        super().__init__(autocast=False, **kwargs)  # float32 gamma/beta; x keeps its dtype
+
     def build(self, input_shape):
         c = int(input_shape[-1])
         self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones",
@@ -280,10 +283,12 @@ class ResNetV2(keras.Model):
         return self._untracked.table
 
     def build(self, input_shape):
-        # Building once on a tiny input creates every variable with its final shape.
+        # Building once on a tiny input creates every variable with its final shape. Through
+        # __call__ (marked built first, so it does not come back here), as every later call:
+        # under a mixed policy only __call__ gives the float32-reading layers their scope.
         if not self.built:
-            self.call(tf.zeros((1, 32, 32, 3), self.compute_dtype))
             self.built = True
+            self(tf.zeros((1, 32, 32, 3)))
 
     def call(self, x, features: bool = False):
         x = tf.cast(x, self.compute_dtype)
