@@ -63,10 +63,6 @@ class StandardizedConv2D(keras.layers.Layer):
         return {f"{prefix}/kernel": self.kernel}
 
 
-def _on_gpu() -> bool:
-    return bool(tf.config.list_logical_devices("GPU"))
-
-
 @tf.function(jit_compile=True)
 def _ws_fwd(w2):
     mean = tf.reduce_mean(w2, axis=0, keepdims=True)
@@ -369,7 +365,7 @@ def _compiled(model: ResNetV2, features: bool, shape: tuple):
 def _jit_inference() -> bool:
     # XLA fuses the standardization and group norms on GPUs; on CPU the oneDNN convolutions of
     # the plain graph are faster (see the README's bench table).
-    return _on_gpu()
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def _run(model: ResNetV2, images: np.ndarray, features: bool, batch_size: int) -> np.ndarray:
