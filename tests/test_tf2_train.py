@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bit_common import checkpoint, cli, loop
-from conftest import update_difference
+from conftest import UPDATE_TOLERANCE, update_difference
 from bit_common.datasets import get_dataset
 from bit_common.runlog import read_metrics
 
@@ -145,7 +145,7 @@ def backend(r50_npz):
 
 def test_batch_split_equivalence(backend, r50_npz):
     """One step of batch 8 in 4 micro-batches equals one step of batch 8 at once (the whole
-    update to 2e-3 relative L2; see `update_difference`)."""
+    update to UPDATE_TOLERANCE relative L2; see `update_difference`)."""
     backend.set_state(backend.initial)
     batch = _mixup_batch(backend.setup)
     loss1 = backend.train_step(batch, 0.1)
@@ -158,7 +158,7 @@ def test_batch_split_equivalence(backend, r50_npz):
     for prefix in ("resnet/", loop.MOMENTUM):
         diff = update_difference(s1, s4, backend.initial, prefix)
         print(f"split 4 vs 1, {prefix}: relative L2 of the update {diff:.1e}")
-        assert diff < 2e-3, prefix
+        assert diff < UPDATE_TOLERANCE, prefix
     # The micro-batch loop runs one iteration at a time (else the forward passes of several
     # micro-batches are alive at once and splitting saves no memory).
     graph = split._step.get_concrete_function(split.distribute(batch),
@@ -233,7 +233,7 @@ def test_two_replicas_equal_one(r50_npz, tmp_path):
     assert (int(r1), int(r2)) == (1, 2)
     assert float(dl) <= 1e-5
     # Relative L2 of the whole update (see conftest.update_difference).
-    assert float(dp) <= 2e-3 and float(dm) <= 2e-3
+    assert float(dp) <= UPDATE_TOLERANCE and float(dm) <= UPDATE_TOLERANCE
 
 
 # ---- bad input: one paragraph on stderr, exit 2, no traceback, nothing written ----------------
