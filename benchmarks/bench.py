@@ -19,6 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+# First, before torch or tensorflow start threads or read their environment: bit_jax keeps
+# freed memory mapped (XLA's per-step scratch buffer), bit_tf2 asks for TensorFlow's oneDNN
+# kernels. The settings hold for the whole process, timm included.
+import bit_jax  # noqa: F401, E402
+import bit_tf2  # noqa: F401, E402
 # torchvision must be imported before tensorflow in one process (it segfaults otherwise).
 import torchvision  # noqa: F401, E402
 

@@ -1,0 +1,72 @@
+"""The process-wide speed settings: glibc keeps freed memory, TensorFlow gets oneDNN kernels.
+
+Each check runs in a fresh interpreter, because both settings act only before the process has
+started framework threads (malloc) or imported TensorFlow (oneDNN).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# A worker thread allocates, writes and frees a 256 MB block twice, as XLA's CPU runtime does with
+# a step's scratch buffer (plain malloc: numpy would ask for huge pages); the child prints the
+# page faults of the second round.
+REUSE = """
+import ctypes, resource, sys, threading
+if sys.argv[1] == "retain":
+    from bit_common.runtime import retain_freed_memory
+    assert retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 256 * 2**20
+faults = []
+def allocate_and_write():
+    block = libc.malloc(SIZE)
+    ctypes.memset(block, 1, SIZE)
+    libc.free(block)
+def step():
+    allocate_and_write()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    allocate_and_write()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=step); t.start(); t.join()
+print(faults[0])
+"""
+
+
+def _child(code: str, *args: str, **env: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_retained_memory_is_reused_without_page_faults():
+    pages = 256 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    default = int(_child(REUSE, "system"))
+    retained = int(_child(REUSE, "retain"))
+    assert default > pages // 2  # glibc unmapped the block: every page is faulted in again
+    assert retained < pages // 20
+
+
+def test_opt_out_leaves_malloc_alone():
+    code = "from bit_common.runtime import retain_freed_memory; print(retain_freed_memory())"
+    assert _child(code, BIT_KEEP_SYSTEM_MALLOC="1") == "False"
+
+
+def test_bit_tf2_turns_on_onednn_unless_the_user_chose():
+    pytest.importorskip("tensorflow")
+    code = ("import bit_tf2, tensorflow\n"
+            "from tensorflow.python.util import _pywrap_util_port as port\n"
+            "print(port.IsMklEnabled())")
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"
+    assert _child(code, TF_ENABLE_ONEDNN_OPTS="0") == "False"
