@@ -202,14 +202,15 @@ def test_sgd_is_torch_sgd(backend):
 @pytest.mark.slow
 def test_two_replicas_equal_one(r50_npz, tmp_path):
     """The CPU split into 2 logical devices: a MirroredStrategy step equals the 1-device step."""
+    # conftest first: it imports torchvision, which crashes when imported after tensorflow.
     code = f"""
+        from conftest import update_difference
         import numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import sys; sys.path.insert(0, {str(REPO / "tests")!r})
         from test_tf2_train import _setup, _mixup_batch
-        from conftest import update_difference
         from bit_tf2 import train
         from pathlib import Path
         assert len(tf.config.list_logical_devices("CPU")) == 2
