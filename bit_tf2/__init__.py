@@ -8,7 +8,7 @@
 Submodules are imported on demand, so `import bit_tf2` does not start TensorFlow. It does ask for
 TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS=1, unless the environment says otherwise):
 TensorFlow turns them on by itself only on CPUs with AVX-512 VNNI or newer, and elsewhere falls
-back to Eigen convolutions whose backward passes ran 1.37x slower (R50x1 step, 2-core AVX2 host).
+back to Eigen convolutions, with which an R50x1 training step ran 1.37x slower (2-core AVX2 host).
 The variable is read when TensorFlow is first imported, so import bit_tf2 before tensorflow.
 """
 

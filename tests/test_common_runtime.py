@@ -40,9 +40,11 @@ print(faults[0])
 """
 
 
-def _child(code: str, *args: str, **env: str) -> str:
+def _child(code: str, *args: str, unset: str = "", **env: str) -> str:
+    """The last line a fresh interpreter prints; `env` added to, `unset` removed from, ours."""
+    child_env = {k: v for k, v in os.environ.items() if k != unset} | env
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)
+                         env=child_env, check=True)
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -65,8 +67,5 @@ def test_bit_tf2_turns_on_onednn_unless_the_user_chose():
     code = ("import bit_tf2, tensorflow\n"
             "from tensorflow.python.util import _pywrap_util_port as port\n"
             "print(port.IsMklEnabled())")
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True)
-    assert out.stdout.strip().splitlines()[-1] == "True"
+    assert _child(code, unset="TF_ENABLE_ONEDNN_OPTS") == "True"
     assert _child(code, TF_ENABLE_ONEDNN_OPTS="0") == "False"
