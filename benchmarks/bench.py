@@ -113,16 +113,33 @@ def train_steps(batch: int, crop: int, rounds: int, steps: int) -> dict[str, dic
         compile_s[fw] = time.perf_counter() - t0
         runners[fw] = lambda b=backend, d=data: b.train_step(d, 0.001)
     runners["timm"]()
-    times: dict[str, list[float]] = {k: [] for k in runners}
+    times: dict[str, list[list[float]]] = {k: [] for k in runners}
     order = list(runners)
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
+            times[name].append([])
             for _ in range(steps):
                 t0 = time.perf_counter()
                 runners[name]()
-                times[name].append(time.perf_counter() - t0)
-    return {k: {"step_s": float(np.median(v)), "img_per_s": batch / float(np.median(v)),
-                "first_step_s": compile_s.get(k)} for k, v in times.items()}
+                times[name][-1].append(time.perf_counter() - t0)
+    out = {}
+    for k, per_round in times.items():
+        step_s = float(np.median(np.concatenate(per_round)))
+        low, mid, high = speed_ratio(per_round, times["timm"])
+        out[k] = {"step_s": step_s, "img_per_s": batch / step_s, "first_step_s": compile_s.get(k),
+                  "x_timm": mid, "x_timm_range": [low, high]}
+    return out
+
+
+def speed_ratio(rounds: list[list[float]], reference: list[list[float]]) -> tuple[float, ...]:
+    """Speed relative to `reference` per round (its median step time over ours): (min, median,
+    max) over the rounds.
+
+    Within a round the two ran minutes apart at most, so each round's ratio cancels the machine's
+    slow drift; their spread says how far to trust the median ratio.
+    """
+    ratios = [float(np.median(ref) / np.median(own)) for own, ref in zip(rounds, reference)]
+    return min(ratios), float(np.median(ratios)), max(ratios)
 
 
 def eval_speed(batch: int, crop: int, rounds: int, npz: Path) -> dict[str, float]:
@@ -274,15 +291,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(res: dict) -> None:
-    timm = res["train"]["timm"]["img_per_s"]
     print(f"\nR50x1, {res['crop']} px, batch {res['batch']}, float32, "
           f"{res['hardware'].get('cpu', res['hardware']['machine'])}")
-    print(f"{'training step':<14} {'img/s':>8} {'x timm':>7} {'GFLOP/s':>8} {'of peak':>8} "
-          f"{'1st step s':>10}")
+    print(f"{'training step':<14} {'img/s':>8} {'x timm':>7} {'per round':>11} {'GFLOP/s':>8} "
+          f"{'of peak':>8} {'1st step s':>10}")
     for name, r in res["train"].items():
         first = f"{r['first_step_s']:.1f}" if r["first_step_s"] else "-"
-        print(f"{name:<14} {r['img_per_s']:8.1f} {r['img_per_s'] / timm:7.2f} {r['gflops']:8.1f} "
-              f"{r['fraction_of_ceiling']:8.1%} {first:>10}")
+        low, high = r["x_timm_range"]
+        print(f"{name:<14} {r['img_per_s']:8.1f} {r['x_timm']:7.2f} {f'{low:.2f}-{high:.2f}':>11} "
+              f"{r['gflops']:8.1f} {r['fraction_of_ceiling']:8.1%} {first:>10}")
     print("evaluation img/s: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                            res["eval_img_per_s"].items()))
     print("input pipeline img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
