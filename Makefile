@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FRAMEWORK ?= pytorch
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: install demo test test-slow parity bench reproduce clean
+.PHONY: install demo test test-slow parity bench profile reproduce clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ parity: install
 
 bench: install
 	$(PY) -m benchmarks.bench
+
+# Where a training step's time goes, by kernel (oneDNN verbose / XLA thunk trace), per framework.
+profile: install
+	$(PY) -m benchmarks.profile
 
 reproduce: install
 	$(PY) -m bit_common.reproduce $(if $(RUN),--run,)
