@@ -20,7 +20,12 @@ def test_committed_notebooks_are_generated_from_the_story():
             f"{make_notebooks.path_of(fw).name} is stale: run python colabs/make_notebooks.py")
 
 
-@pytest.mark.parametrize("fw", list(make_notebooks.TITLES))
+# The three notebooks are generated from one story (test above) and differ only in the package
+# they import (and TF2's export cell), so the default suite runs the PyTorch one; the JAX and TF2
+# runs (about 2 minutes each, mostly their fine-tuning command compiling) are in `make test-slow`.
+# Their model API, CLI and SavedModel export have their own tests in the default suite.
+@pytest.mark.parametrize("fw", [fw if fw == "pytorch" else pytest.param(fw, marks=pytest.mark.slow)
+                                for fw in make_notebooks.TITLES])
 def test_notebook_runs_offline(fw, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
