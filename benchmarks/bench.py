@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -99,20 +100,26 @@ class TimmStep:
         return loss.item()
 
 
+def step_runner(name: str, batch: int, crop: int) -> Callable[[], object]:
+    """One training step of timm (`name` 'timm') or of a framework's backend, on a fixed batch."""
+    if name == "timm":
+        rng = np.random.default_rng(0)
+        return TimmStep({"x": rng.uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32),
+                         "y": rng.integers(0, 10, batch)})
+    backend = framework(name).make_backend(make_setup(name, batch, crop))
+    data = next(backend.train_batches(0))
+    return lambda: backend.train_step(data, 0.001)
+
+
 def train_steps(batch: int, crop: int, rounds: int, steps: int) -> dict[str, dict]:
     """Median seconds per training step of each framework's backend and of timm."""
-    rng = np.random.default_rng(0)
-    probe = {"x": rng.uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32),
-             "y": rng.integers(0, 10, batch)}
-    runners, compile_s = {"timm": TimmStep(probe)}, {}
-    for fw in FRAMEWORKS:
-        backend = framework(fw).make_backend(make_setup(fw, batch, crop))
-        data = next(backend.train_batches(0))
+    runners, compile_s = {}, {}
+    for name in ("timm",) + FRAMEWORKS:
+        runners[name] = step_runner(name, batch, crop)
         t0 = time.perf_counter()
-        backend.train_step(data, 0.001)  # compiles where the framework compiles
-        compile_s[fw] = time.perf_counter() - t0
-        runners[fw] = lambda b=backend, d=data: b.train_step(d, 0.001)
-    runners["timm"]()
+        runners[name]()  # compiles where the framework compiles
+        if name != "timm":
+            compile_s[name] = time.perf_counter() - t0
     times: dict[str, list[list[float]]] = {k: [] for k in runners}
     order = list(runners)
     for r in range(rounds):

@@ -22,7 +22,6 @@ A diagnostic tool, not a test: it prints, it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import re
@@ -113,36 +112,33 @@ def print_breakdown(framework: str, step_ms: float, rows: dict[str, list[float]]
 
 
 # ---- the measured process --------------------------------------------------------------------
-def _step_runner(framework: str, batch: int, crop: int):
-    import numpy as np
-    from benchmarks import bench
-    if framework == "timm":
-        rng = np.random.default_rng(0)
-        return bench.TimmStep({"x": rng.uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32),
-                               "y": rng.integers(0, 10, batch)})
-    backend = bench.framework(framework).make_backend(bench.make_setup(framework, batch, crop))
-    data = next(backend.train_batches(0))
-    return lambda: backend.train_step(data, 0.001)
-
-
-def _child(framework: str, batch: int, crop: int, steps: int, hlo_dir: str | None) -> None:
-    """Warm up, then run `steps` profiled steps between the markers; print the step time."""
-    run = _step_runner(framework, batch, crop)
+def _child(framework: str, batch: int, crop: int, steps: int, hlo_dir: str) -> None:
+    """Warm up, then run `steps` profiled steps between the markers; print the step time (and,
+    for JAX, the breakdown as JSON on the last line)."""
+    from benchmarks.bench import step_runner
+    run = step_runner(framework, batch, crop)
     for _ in range(2):
         run()
-    if framework == "jax":
-        import jax
-        trace_dir = tempfile.mkdtemp()
+    if framework != "jax":
+        _timed_steps(run, steps)
+        return
+    import jax
+    with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
+        step_ms = _timed_steps(run, steps)
+        jax.profiler.stop_trace()
+        print(json.dumps({"step_ms": step_ms, "rows": _jax_rows(trace_dir, hlo_dir, steps)}))
+
+
+def _timed_steps(run, steps: int) -> float:
+    """`steps` steps between the START and END markers; ms per step (also printed with END)."""
     print(START, flush=True)
     t0 = time.perf_counter()
     for _ in range(steps):
         run()
     step_ms = (time.perf_counter() - t0) / steps * 1e3
     print(f"{END} {step_ms:.3f}", flush=True)
-    if framework == "jax":
-        jax.profiler.stop_trace()
-        print(json.dumps({"step_ms": step_ms, "rows": _jax_rows(trace_dir, hlo_dir, steps)}))
+    return step_ms
 
 
 def _jax_rows(trace_dir: str, hlo_dir: str, steps: int) -> dict[str, list[float]]:
