@@ -5,6 +5,10 @@
 blocks with a fresh mmap, so the kernel zero-fills every page again on each step: about 130 000
 page faults and 15-25 % of a JAX step on a 2-core host. Keeping freed memory in the heap makes the
 next step reuse pages that are already mapped.
+
+`HeapTrimmer`: the kept heap can grow by a whole scratch buffer when the next step's buffer no
+longer fits the hole the last one left; a training loop calls `after_step` to hand such memory
+back to the system when it piles up.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ _M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
 OPT_OUT_ENV = "BIT_KEEP_SYSTEM_MALLOC"
+_retained = False  # set once retain_freed_memory has applied its settings
 
 
 def retain_freed_memory() -> bool:
@@ -42,4 +47,46 @@ def retain_freed_memory() -> bool:
     except OSError:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    global _retained
+    _retained = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return _retained
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+class HeapTrimmer:
+    """Hands back to the system the freed heap memory that piles up between training steps.
+
+    Under `retain_freed_memory` a step's scratch buffer sometimes does not fit the hole the last
+    one left: a small allocation took part of it, or the runtime freed it only after the next
+    step had started. The heap then grows by a whole buffer whose pages stay resident (R50x1,
+    batch 32: 1.6 -> 2.4 -> 3.3 GB). `after_step` calls `malloc_trim(0)` when the heap's free
+    bytes exceed those at the last trim by more than `margin`: the pages of free blocks go back to
+    the system and fault in again once, where a later step reuses them. A steady run stops
+    trimming after its first steps. Does nothing unless `retain_freed_memory` applied.
+    """
+
+    def __init__(self, margin: int = 64 << 20):
+        self.margin = margin
+        self._free_at_trim: int | None = None
+        self._libc = None
+        if _retained:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+                libc.mallinfo2.restype = _MallInfo2
+                self._libc = libc
+
+    def after_step(self) -> bool:
+        """Trim the heap if its free memory grew since the last trim; True if it trimmed."""
+        if self._libc is None:
+            return False
+        free = self._libc.mallinfo2().fordblks
+        if self._free_at_trim is not None and free <= self._free_at_trim + self.margin:
+            return False
+        self._libc.malloc_trim(0)
+        self._free_at_trim = free
+        return True

@@ -30,7 +30,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bit_common import loop
+from bit_common import loop, runtime
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import BiTError
 from bit_jax import models
@@ -192,6 +192,10 @@ class JaxBackend(loop.Backend):
         args = setup.args
         dtype = _compute_dtype(args.precision)
         self.setup = setup
+        # CPU computations run inline (where JAX's CPU client does not exist yet): the loop waits
+        # for each step's loss anyway, and XLA then frees a step's scratch buffer before the next
+        # step allocates its own, so the kept heap (bit_jax/__init__) reuses one buffer.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
         self.mesh = make_mesh(devices)
         ndev = self.mesh.devices.size
         if args.batch % ndev:
@@ -204,6 +208,7 @@ class JaxBackend(loop.Backend):
         self._eval = make_eval_step(self.module, self.mesh)
         self._eval_batch = args.batch_eval + (-args.batch_eval) % ndev
         self._eval_ds = None
+        self._heap = runtime.HeapTrimmer()  # bounds the kept heap (see bit_jax/__init__)
 
     # batches ----------------------------------------------------------------------------
     def train_batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
@@ -220,7 +225,9 @@ class JaxBackend(loop.Backend):
 
     def train_step(self, batch: Mapping[str, jax.Array], lr: float) -> float:
         self.state, loss = self._step(self.state, batch, np.float32(lr))
-        return float(loss)
+        loss = float(loss)
+        self._heap.after_step()
+        return loss
 
     def evaluate(self) -> dict[str, float]:
         from bit_jax import data

@@ -40,6 +40,40 @@ print(faults[0])
 """
 
 
+# A steady step reuses the kept block without trimming; when the heap grows by a second block
+# (as when a step's scratch buffer no longer fits the last one's hole) the trimmer hands the
+# free pages back. The child prints: trimmed after the repeat, MiB resident then, trimmed after
+# the growth, MiB resident then.
+TRIM = """
+import ctypes
+from pathlib import Path
+from bit_common import runtime
+assert runtime.retain_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 256 * 2**20
+def rss_mib():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+    return int(line.split()[1]) // 1024
+def written():
+    block = libc.malloc(SIZE)
+    ctypes.memset(block, 1, SIZE)
+    return block
+trimmer = runtime.HeapTrimmer()
+libc.free(written())
+trimmer.after_step()  # the first call sets the baseline
+libc.free(written())
+repeat = trimmer.after_step()
+rss_repeat = rss_mib()
+a, b = written(), written()
+libc.free(a)
+libc.free(b)
+grown = trimmer.after_step()
+print(repeat, rss_repeat, grown, rss_mib())
+"""
+
+
 def _child(code: str, *args: str, unset: str = "", **env: str) -> str:
     """The last line a fresh interpreter prints; `env` added to, `unset` removed from, ours."""
     child_env = {k: v for k, v in os.environ.items() if k != unset} | env
@@ -69,3 +103,18 @@ def test_bit_tf2_turns_on_onednn_unless_the_user_chose():
             "print(port.IsMklEnabled())")
     assert _child(code, unset="TF_ENABLE_ONEDNN_OPTS") == "True"
     assert _child(code, TF_ENABLE_ONEDNN_OPTS="0") == "False"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_heap_trimmer_keeps_a_steady_heap_and_returns_growth():
+    repeat, rss_repeat, grown, rss_grown = _child(TRIM).split()
+    assert repeat == "False" and grown == "True"
+    assert int(rss_repeat) > 200  # the reused block stayed resident: no page faults next time
+    assert int(rss_grown) < int(rss_repeat) - 128  # two freed blocks were handed back
+
+
+def test_heap_trimmer_is_inert_without_kept_memory():
+    code = ("from bit_common.runtime import HeapTrimmer\n"
+            "t = HeapTrimmer()\n"
+            "print(t.after_step(), t.after_step())")
+    assert _child(code) == "False False"

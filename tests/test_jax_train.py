@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, loop
+from bit_common import checkpoint, loop, runtime
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
 from conftest import UPDATE_TOLERANCE, random_images, update_difference
@@ -260,6 +260,28 @@ def test_batch_split_equals_full_batch(step_inputs, step1):
         assert diff < UPDATE_TOLERANCE, prefix
 
 
+
+def test_train_step_runs_inline_and_trims_the_kept_heap(monkeypatch):
+    """Each training step hands its memory check to a HeapTrimmer (bit_common.runtime), and the
+    backend asks for inline CPU dispatch, so that a step's scratch buffer is freed before the
+    next one is allocated (what keeps the retained heap at one buffer; see the README)."""
+    import jax
+    from benchmarks.bench import make_setup
+
+    calls = []
+
+    class Recorder:
+        def after_step(self) -> bool:
+            calls.append(len(calls))
+            return False
+
+    monkeypatch.setattr(runtime, "HeapTrimmer", Recorder)
+    backend = train.JaxBackend(make_setup("jax", 4, 32))
+    assert jax.config.values["jax_cpu_enable_async_dispatch"] is False
+    backend._step = lambda state, batch, lr: (state, np.float32(2.5))  # no model compiled
+    assert backend.train_step({}, 0.1) == 2.5 and backend.train_step({}, 0.1) == 2.5
+    assert calls == [0, 1]
+
 def test_state_round_trip(step_inputs, step1):
     params, _, mesh, _ = step_inputs
     new, _ = step1
@@ -280,7 +302,7 @@ TWO_DEVICES = textwrap.dedent("""
     from bit_common import checkpoint
     from bit_common.registry import parse_arch
     from bit_jax import models, train
-    from conftest import random_images
+    from conftest import random_images, update_difference
     assert len(jax.devices()) == 2, jax.devices()
     params = checkpoint.read_npz(sys.argv[1])
     rng = np.random.default_rng(0)
@@ -299,9 +321,9 @@ TWO_DEVICES = textwrap.dedent("""
         state, loss = step(train.init_state(params, mesh), b, np.float32(0.1))
         assert len(state[0]["head"]["conv2d"]["kernel"].sharding.device_set) == n
         out[n] = (train.state_to_canonical(state, parse_arch("R50x1"), 10), float(loss))
-    a, b = out[1][0], out[2][0]
-    diff = max(float(np.abs(a[k] - b[k]).max() / max(1.0, np.abs(a[k]).max())) for k in a)
-    print(json.dumps({"param_diff": diff, "loss_diff": abs(out[1][1] - out[2][1])}))
+    start = {**params, **{"momentum/" + k: np.zeros_like(v) for k, v in params.items()}}
+    diff = max(update_difference(out[1][0], out[2][0], start, p) for p in ("resnet/", "momentum/"))
+    print(json.dumps({"update_diff": diff, "loss_diff": abs(out[1][1] - out[2][1])}))
 """)
 
 
@@ -313,4 +335,6 @@ def test_two_devices_equal_one_device(r50_npz):
         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["param_diff"] <= 1e-5 and result["loss_diff"] <= 1e-5, result
+    # The whole update to UPDATE_TOLERANCE relative L2 (see conftest.update_difference): per
+    # element, another device count's float32 rounding differs by 5e-4 on some hosts.
+    assert result["update_diff"] < UPDATE_TOLERANCE and result["loss_diff"] <= 1e-5, result
