@@ -54,8 +54,8 @@ libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 SIZE = 256 * 2**20
 def rss_mib():
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
-    return int(line.split()[1]) // 1024
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) // 1024
 def written():
     block = libc.malloc(SIZE)
     ctypes.memset(block, 1, SIZE)
