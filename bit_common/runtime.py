@@ -25,7 +25,7 @@ _M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
 OPT_OUT_ENV = "BIT_KEEP_SYSTEM_MALLOC"
-_retained = False  # set once retain_freed_memory has applied its settings
+_kept_heap_libc: ctypes.CDLL | None = None  # glibc, once retain_freed_memory applied
 
 
 def retain_freed_memory() -> bool:
@@ -47,9 +47,11 @@ def retain_freed_memory() -> bool:
     except OSError:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
-    global _retained
-    _retained = all(libc.mallopt(param, value) == 1 for param, value in settings)
-    return _retained
+    if not all(libc.mallopt(param, value) == 1 for param, value in settings):
+        return False
+    global _kept_heap_libc
+    _kept_heap_libc = libc
+    return True
 
 
 class _MallInfo2(ctypes.Structure):
@@ -74,11 +76,10 @@ class HeapTrimmer:
         self.margin = margin
         self._free_at_trim: int | None = None
         self._libc = None
-        if _retained:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
-                libc.mallinfo2.restype = _MallInfo2
-                self._libc = libc
+        libc = _kept_heap_libc
+        if libc is not None and hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+            libc.mallinfo2.restype = _MallInfo2
+            self._libc = libc
 
     def after_step(self) -> bool:
         """Trim the heap if its free memory grew since the last trim; True if it trimmed."""

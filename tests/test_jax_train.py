@@ -260,7 +260,6 @@ def test_batch_split_equals_full_batch(step_inputs, step1):
         assert diff < UPDATE_TOLERANCE, prefix
 
 
-
 def test_train_step_runs_inline_and_trims_the_kept_heap(monkeypatch):
     """Each training step hands its memory check to a HeapTrimmer (bit_common.runtime), and the
     backend asks for inline CPU dispatch, so that a step's scratch buffer is freed before the
@@ -281,6 +280,7 @@ def test_train_step_runs_inline_and_trims_the_kept_heap(monkeypatch):
     backend._step = lambda state, batch, lr: (state, np.float32(2.5))  # no model compiled
     assert backend.train_step({}, 0.1) == 2.5 and backend.train_step({}, 0.1) == 2.5
     assert calls == [0, 1]
+
 
 def test_state_round_trip(step_inputs, step1):
     params, _, mesh, _ = step_inputs
