@@ -41,6 +41,44 @@ def test_conv_kxk_matches_xla_conv(k, stride, cin, cout):
     _close(got, want)
 
 
+@pytest.mark.parametrize("shape", [(2, 13, 11, 16), (2, 8, 8, 24), (1, 1, 3, 8)])
+def test_winograd_conv_matches_xla_conv(shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 12), dtype=np.float32))
+    want = _value_and_grads(lambda x, w: lax.conv_general_dilated(
+        x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=HIGHEST), x, w)
+    got = _value_and_grads(lambda x, w: models.conv3x3_winograd(x, w, HIGHEST), x, w)
+    _close(got, want)
+
+
+def test_std_conv_takes_winograd_for_float32_3x3_on_cpu(monkeypatch):
+    """The stride-1 3x3 layers use Winograd on CPU, BIT_JAX_WINOGRAD=0 turns it off, and the
+    two agree; strided, 1x1 and bfloat16 layers never use it."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 8), dtype=np.float32))
+
+    calls = []
+    winograd_conv = models.conv3x3_winograd
+    monkeypatch.setattr(models, "conv3x3_winograd",
+                        lambda *a: calls.append(a) or winograd_conv(*a))
+
+    def run(stride=1, k=3, dtype=jnp.float32):
+        calls.clear()
+        conv = models.StdConv(16, k, stride, k // 2, dtype)
+        params = conv.init(jax.random.PRNGKey(0), x)
+        return conv.apply(params, x), bool(calls)
+
+    monkeypatch.delenv(models.WINOGRAD_ENV, raising=False)
+    y_wino, used = run()
+    assert used and jax.default_backend() == "cpu"
+    assert not run(stride=2)[1] and not run(k=1)[1] and not run(dtype=jnp.bfloat16)[1]
+    monkeypatch.setenv(models.WINOGRAD_ENV, "0")
+    y_direct, used = run()
+    assert not used
+    np.testing.assert_allclose(y_wino, y_direct, rtol=1e-5, atol=1e-5)
+
+
 def test_matmul_matches_dot_general():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((24, 40), dtype=np.float32))
