@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from bit_common import checkpoint
+from bit_common import checkpoint, winograd
 from bit_common.errors import CheckpointError
 from bit_common.registry import Arch
 
@@ -41,13 +41,16 @@ class StandardizedConv2D(keras.layers.Layer):
     """Conv without bias whose HWIO kernel is standardized over (H, W, I) on every call.
 
     `(w - mean) / sqrt(var + 1e-10)` with the biased variance, computed in float32 (the layer
-    does not autocast its kernel), then cast to the compute dtype. Padding is always 'VALID':
-    callers pad explicitly and symmetrically.
+    does not autocast its kernel), then cast to the compute dtype. `padding` zeros are added
+    symmetrically on each side (never TF's 'SAME', which pads strided convolutions on one side);
+    stride-1 3x3 layers compute by Winograd where `use_winograd` says so.
     """
 
-    def __init__(self, filters: int, kernel_size: int, strides: int = 1, **kwargs):
+    def __init__(self, filters: int, kernel_size: int, strides: int = 1, padding: int = 0,
+                 **kwargs):
         super().__init__(autocast=False, **kwargs)
         self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
+        self.padding = padding
 
     def build(self, input_shape):
         k = self.kernel_size
@@ -56,8 +59,10 @@ class StandardizedConv2D(keras.layers.Layer):
                                       initializer="he_normal", dtype="float32")
 
     def call(self, x):
-        w = standardize_kernel(tf.convert_to_tensor(self.kernel))
-        return tf.nn.conv2d(x, tf.cast(w, x.dtype), strides=self.strides, padding="VALID")
+        w = tf.cast(standardize_kernel(tf.convert_to_tensor(self.kernel)), x.dtype)
+        if (self.kernel_size, self.strides, self.padding) == (3, 1, 1) and use_winograd(x):
+            return conv3x3_winograd(x, w)
+        return tf.nn.conv2d(_pad(x, self.padding), w, strides=self.strides, padding="VALID")
 
     def named_variables(self, prefix: str) -> dict:
         return {f"{prefix}/kernel": self.kernel}
@@ -93,6 +98,88 @@ def standardize_kernel(w: tf.Tensor) -> tf.Tensor:
     nearly cancels).
     """
     return tf.reshape(_standardize_2d(tf.reshape(w, [-1, w.shape[-1]])), tf.shape(w))
+
+
+class _TfOps:
+    """`bit_common.winograd.ArrayOps` in TensorFlow."""
+
+    @staticmethod
+    def slice(x, axis, start, stop, step):
+        begin, end, strides = [0] * x.shape.rank, list(x.shape), [1] * x.shape.rank
+        begin[axis], end[axis], strides[axis] = start, stop, step
+        return tf.strided_slice(x, begin, end, strides)
+
+    @staticmethod
+    def pad(x, pads):
+        return tf.pad(x, [list(p) for p in pads])
+
+    stack, reshape = staticmethod(tf.stack), staticmethod(tf.reshape)
+
+
+WINOGRAD_ENV = "BIT_TF2_WINOGRAD"
+_WINO_M = 2
+
+
+def use_winograd(x: tf.Tensor) -> bool:
+    """Winograd for float32 3x3 convolutions of known shape on CPU (BIT_TF2_WINOGRAD=1/0
+    overrides). F(2, 3) does oneDNN's direct convolution's work with 2.25x fewer
+    multiplications; GPUs have cuDNN's own algorithms, and half precision would lose accuracy
+    in the transforms. An unknown dimension (an export signature's batch) keeps the direct op.
+    """
+    if x.dtype != tf.float32 or not x.shape.is_fully_defined():
+        return False
+    env = os.environ.get(WINOGRAD_ENV)
+    if env is not None:
+        return env == "1"
+    return not tf.config.list_logical_devices("GPU")
+
+
+# The transforms are additions over strided views: each direction is one XLA-compiled function
+# (fused passes over the activations); the batched matmuls between them stay TensorFlow ops.
+@tf.function(jit_compile=True)
+def _wino_input(x):
+    return winograd.input_transform(_TfOps, x, x.shape, _WINO_M)
+
+
+@tf.function(jit_compile=True)
+def _wino_kernel(w):
+    return winograd.kernel_transform(_TfOps, w, _WINO_M)
+
+
+@tf.function(jit_compile=True)
+def _wino_output(mm, x):
+    return winograd.output_transform(_TfOps, mm, (*x.shape[:3], mm.shape[-1]), _WINO_M)
+
+
+@tf.function(jit_compile=True)
+def _wino_output_grad(g):
+    return winograd.output_transform_grad(_TfOps, g, g.shape, _WINO_M)
+
+
+@tf.function(jit_compile=True)
+def _wino_input_grad(dv, x):
+    return winograd.input_transform_grad(_TfOps, dv, x.shape, _WINO_M)
+
+
+@tf.function(jit_compile=True)
+def _wino_kernel_grad(du):
+    return winograd.kernel_transform_grad(_TfOps, du, _WINO_M)
+
+
+@tf.custom_gradient
+def conv3x3_winograd(x: tf.Tensor, w: tf.Tensor):
+    """A stride-1, padding-1 NHWC/HWIO 3x3 convolution by Winograd F(2x2, 3x3), with the
+    transposed transforms as its gradient (`bit_common.winograd`). The transformed input (4x the
+    size of x) is recomputed in the backward pass rather than kept."""
+    u = _wino_kernel(w)
+    y = _wino_output(tf.matmul(_wino_input(x), u), x)
+
+    def grad(g):
+        dm = _wino_output_grad(g)
+        du = tf.matmul(_wino_input(x), dm, transpose_a=True)
+        return _wino_input_grad(tf.matmul(dm, u, transpose_b=True), x), _wino_kernel_grad(du)
+
+    return y, grad
 
 
 def _group_sums(t: tf.Tensor) -> tf.Tensor:
@@ -197,7 +284,7 @@ class Bottleneck(keras.layers.Layer):
         self.gn_a, self.gn_b, self.gn_c = (group_norm_relu("gn_a"), group_norm_relu("gn_b"),
                                            group_norm_relu("gn_c"))
         self.conv_a = StandardizedConv2D(cmid, 1, name="conv_a")
-        self.conv_b = StandardizedConv2D(cmid, 3, stride, name="conv_b")
+        self.conv_b = StandardizedConv2D(cmid, 3, stride, padding=1, name="conv_b")
         self.conv_c = StandardizedConv2D(cout, 1, name="conv_c")
         self.proj = StandardizedConv2D(cout, 1, stride, name="proj") if proj else None
 
@@ -205,7 +292,7 @@ class Bottleneck(keras.layers.Layer):
         a = self.gn_a(x)
         shortcut = x if self.proj is None else self.proj(a)
         y = self.conv_a(a)
-        y = self.conv_b(_pad(self.gn_b(y), 1))
+        y = self.conv_b(self.gn_b(y))
         y = self.conv_c(self.gn_c(y))
         return y + shortcut
 

@@ -141,6 +141,55 @@ def test_standardized_conv_is_bits():
     assert [v.name for v in layer.trainable_variables] == ["kernel"]
 
 
+@pytest.mark.parametrize("shape", [(2, 13, 11, 16), (2, 8, 8, 24), (1, 1, 3, 8)])
+def test_winograd_conv_matches_direct_conv(shape):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(shape, dtype=np.float32))
+    w = tf.constant(rng.standard_normal((3, 3, shape[-1], 12), dtype=np.float32))
+    probe = tf.constant(rng.standard_normal((*shape[:3], 12), dtype=np.float32))
+
+    def value_and_grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = fn(x, w)
+            loss = tf.reduce_sum(y * probe)
+        return [y, *tape.gradient(loss, [x, w])]
+
+    want = value_and_grads(lambda x, w: tf.nn.conv2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]),
+                                                     w, 1, "VALID"))
+    for g, t in zip(value_and_grads(models.conv3x3_winograd), want):
+        assert float(tf.reduce_max(tf.abs(g - t))) <= 1e-5 * float(tf.reduce_max(tf.abs(t)))
+
+
+def test_standardized_conv_takes_winograd_for_float32_3x3(monkeypatch):
+    """Stride-1 3x3 layers of known shape use Winograd on CPU; BIT_TF2_WINOGRAD=0, a stride, a
+    1x1 kernel or an unknown dimension keep the direct op, and the two paths agree."""
+    x = np.random.default_rng(0).standard_normal((2, 9, 9, 8)).astype(np.float32)
+    calls = []
+    winograd_conv = models.conv3x3_winograd
+    monkeypatch.setattr(models, "conv3x3_winograd",
+                        lambda *a: calls.append(a) or winograd_conv(*a))
+
+    def run(k=3, stride=1, inputs=x):
+        calls.clear()
+        layer = models.StandardizedConv2D(16, k, stride, padding=k // 2)
+        layer.build(x.shape)
+        layer.kernel.assign(np.linspace(-1, 1, layer.kernel.shape.num_elements(),
+                                        dtype=np.float32).reshape(layer.kernel.shape))
+        return layer(inputs).numpy() if inputs is not None else tf.function(
+            layer, input_signature=[tf.TensorSpec([None, 9, 9, 8])]).get_concrete_function(), \
+            bool(calls)
+
+    monkeypatch.delenv(models.WINOGRAD_ENV, raising=False)
+    y_wino, used = run()
+    assert used
+    assert not run(stride=2)[1] and not run(k=1)[1] and not run(inputs=None)[1]
+    monkeypatch.setenv(models.WINOGRAD_ENV, "0")
+    y_direct, used = run()
+    assert not used
+    np.testing.assert_allclose(y_wino, y_direct, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_head(r50_npz):
     m = models.load_npz(r50_npz, num_classes=5)
     assert m.num_classes == 5
@@ -186,7 +235,7 @@ def test_checkpoint_errors(r50_npz, r50_params, tmp_path):
         models.from_params(parse_arch("R101x1"), r50_params)
 
 
-def test_export_reloads_without_bit_tf2(model, inputs, tmp_path):
+def test_export_reloads_without_bit_tf2(model, inputs, tmp_path, monkeypatch):
     out = models.export(model, tmp_path / "saved_model")
     np.save(tmp_path / "x.npy", inputs)
     # A fresh interpreter outside the repository: only TensorFlow, never this package.
@@ -202,12 +251,16 @@ def test_export_reloads_without_bit_tf2(model, inputs, tmp_path):
         print(sorted(m for m in sys.modules if m.startswith("bit_")))
     """, cwd=tmp_path)
     assert stdout.strip() == "[]"
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), models.predict(model, inputs),
+    # The export's signatures take any image size, so its 3x3 layers are the direct op (Winograd
+    # needs known shapes): compare with the same computation here, freshly traced.
+    monkeypatch.setenv(models.WINOGRAD_ENV, "0")
+    direct = tf.function(lambda x, features: model(x, features=features))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), direct(inputs, False), rtol=0,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "y2.npy"), direct(inputs[:1, :40, :50], False),
                                rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "y2.npy"),
-                               models.predict(model, inputs[:1, :40, :50]), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), models.embed(model, inputs),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), direct(inputs, True), rtol=0,
+                               atol=1e-5)
 
 
 def test_mixed_bfloat16_builds_and_trains(r50_npz):
