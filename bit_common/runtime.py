@@ -9,6 +9,9 @@ next step reuse pages that are already mapped.
 `HeapTrimmer`: the kept heap can grow by a whole scratch buffer when the next step's buffer no
 longer fits the hole the last one left; a training loop calls `after_step` to hand such memory
 back to the system when it piles up.
+
+`env_override`: how the on/off environment overrides of a backend's defaults (BIT_TF2_JIT,
+BIT_JAX_WINOGRAD, BIT_TF2_WINOGRAD) read.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ _INT_MAX = 2**31 - 1
 
 OPT_OUT_ENV = "BIT_KEEP_SYSTEM_MALLOC"
 _kept_heap_libc: ctypes.CDLL | None = None  # glibc, once retain_freed_memory applied
+
+
+def env_override(name: str) -> bool | None:
+    """An on/off override from the environment: None if `name` is unset, False for "", "0" or
+    "false" (any case), True for any other value."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return value.lower() not in ("", "0", "false")
 
 
 def retain_freed_memory() -> bool:

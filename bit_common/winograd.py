@@ -154,7 +154,7 @@ def output_transform(ops: ArrayOps, mm: Array, shape: Sequence[int], m: int) -> 
     y = [_interleave(ops, combine(at, [_row(ops, r, j) for j in range(a)]), 2, [n, th, tw, co])
          for r in rows]
     y = _interleave(ops, y, 1, [n, th, m * tw, co])
-    return ops.slice(ops.slice(y, 1, 0, h, 1), 2, 0, w, 1) if (h, w) != (m * th, m * tw) else y
+    return ops.slice(ops.slice(y, 1, 0, h, 1), 2, 0, w, 1)  # drop a padded last tile's rest
 
 
 def output_transform_grad(ops: ArrayOps, dy: Array, shape: Sequence[int], m: int) -> Array:

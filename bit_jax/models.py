@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from bit_common import checkpoint, winograd
+from bit_common import checkpoint, runtime, winograd
 from bit_common.errors import BiTError
 from bit_common.registry import Arch
 
@@ -266,10 +266,10 @@ def use_winograd(dtype: Dtype) -> bool:
     work with 2.25x fewer multiplications. GPUs have cuDNN's own algorithms, and bfloat16 would
     lose precision in the transforms.
     """
-    env = os.environ.get(WINOGRAD_ENV)
-    if env is not None:
-        return env == "1" and jnp.dtype(dtype) == jnp.float32
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
+    if jnp.dtype(dtype) != jnp.float32:
+        return False
+    forced = runtime.env_override(WINOGRAD_ENV)
+    return jax.default_backend() == "cpu" if forced is None else forced
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from bit_common import checkpoint, winograd
+from bit_common import checkpoint, runtime, winograd
 from bit_common.errors import CheckpointError
 from bit_common.registry import Arch
 
@@ -128,10 +128,8 @@ def use_winograd(x: tf.Tensor) -> bool:
     """
     if x.dtype != tf.float32 or not x.shape.is_fully_defined():
         return False
-    env = os.environ.get(WINOGRAD_ENV)
-    if env is not None:
-        return env == "1"
-    return not tf.config.list_logical_devices("GPU")
+    forced = runtime.env_override(WINOGRAD_ENV)
+    return not tf.config.list_logical_devices("GPU") if forced is None else forced
 
 
 # The transforms are additions over strided views: each direction is one XLA-compiled function

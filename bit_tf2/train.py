@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bit_common import checkpoint, loop
+from bit_common import checkpoint, loop, runtime
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import BiTError
 from bit_tf2 import models
@@ -72,10 +72,8 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def use_jit() -> bool:
-    env = os.environ.get(JIT_ENV)
-    if env is not None:
-        return env not in ("0", "", "false", "False")
-    return bool(tf.config.list_physical_devices("GPU"))
+    forced = runtime.env_override(JIT_ENV)
+    return bool(tf.config.list_physical_devices("GPU")) if forced is None else forced
 
 
 def _policy(precision: str) -> str:

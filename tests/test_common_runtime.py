@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from bit_common import runtime
+
 # A worker thread allocates, writes and frees a 256 MB block twice, as XLA's CPU runtime does with
 # a step's scratch buffer (plain malloc: numpy would ask for huge pages); the child prints the
 # page faults of the second round.
@@ -118,3 +120,15 @@ def test_heap_trimmer_is_inert_without_kept_memory():
             "t = HeapTrimmer()\n"
             "print(t.after_step(), t.after_step())")
     assert _child(code) == "False False"
+
+
+def test_env_override_reads_unset_off_and_on(monkeypatch):
+    name = "BIT_TEST_OVERRIDE"
+    monkeypatch.delenv(name, raising=False)
+    assert runtime.env_override(name) is None
+    for off in ("", "0", "false", "False", "FALSE"):
+        monkeypatch.setenv(name, off)
+        assert runtime.env_override(name) is False, off
+    for on in ("1", "true", "yes"):
+        monkeypatch.setenv(name, on)
+        assert runtime.env_override(name) is True, on

@@ -170,20 +170,24 @@ def test_standardized_conv_takes_winograd_for_float32_3x3(monkeypatch):
     monkeypatch.setattr(models, "conv3x3_winograd",
                         lambda *a: calls.append(a) or winograd_conv(*a))
 
-    def run(k=3, stride=1, inputs=x):
+    def run(k=3, stride=1, unknown_batch=False):
+        """The layer's output (None when traced for an unknown batch) and whether it took
+        the Winograd path."""
         calls.clear()
         layer = models.StandardizedConv2D(16, k, stride, padding=k // 2)
         layer.build(x.shape)
         layer.kernel.assign(np.linspace(-1, 1, layer.kernel.shape.num_elements(),
                                         dtype=np.float32).reshape(layer.kernel.shape))
-        return layer(inputs).numpy() if inputs is not None else tf.function(
-            layer, input_signature=[tf.TensorSpec([None, 9, 9, 8])]).get_concrete_function(), \
-            bool(calls)
+        if unknown_batch:
+            spec = tf.TensorSpec([None, *x.shape[1:]])
+            tf.function(layer, input_signature=[spec]).get_concrete_function()
+            return None, bool(calls)
+        return layer(x).numpy(), bool(calls)
 
     monkeypatch.delenv(models.WINOGRAD_ENV, raising=False)
     y_wino, used = run()
     assert used
-    assert not run(stride=2)[1] and not run(k=1)[1] and not run(inputs=None)[1]
+    assert not run(stride=2)[1] and not run(k=1)[1] and not run(unknown_batch=True)[1]
     monkeypatch.setenv(models.WINOGRAD_ENV, "0")
     y_direct, used = run()
     assert not used
