@@ -44,8 +44,9 @@ print(faults[0])
 
 # A steady step reuses the kept block without trimming; when the heap grows by a second block
 # (as when a step's scratch buffer no longer fits the last one's hole) the trimmer hands the
-# free pages back. The child prints: trimmed after the repeat, MiB resident then, trimmed after
-# the growth, MiB resident then.
+# free pages back, and a step that grows the trimmed heap back to where it was is no growth.
+# The child prints: trimmed after the repeat, MiB resident then, trimmed after the growth, MiB
+# resident then, trimmed after growing back.
 TRIM = """
 import ctypes
 from pathlib import Path
@@ -72,7 +73,9 @@ a, b = written(), written()
 libc.free(a)
 libc.free(b)
 grown = trimmer.after_step()
-print(repeat, rss_repeat, grown, rss_mib())
+rss_grown = rss_mib()
+libc.free(written())
+print(repeat, rss_repeat, grown, rss_grown, trimmer.after_step())
 """
 
 
@@ -109,8 +112,8 @@ def test_bit_tf2_turns_on_onednn_unless_the_user_chose():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_heap_trimmer_keeps_a_steady_heap_and_returns_growth():
-    repeat, rss_repeat, grown, rss_grown = _child(TRIM).split()
-    assert repeat == "False" and grown == "True"
+    repeat, rss_repeat, grown, rss_grown, regrown = _child(TRIM).split()
+    assert repeat == "False" and grown == "True" and regrown == "False"
     assert int(rss_repeat) > 200  # the reused block stayed resident: no page faults next time
     assert int(rss_grown) < int(rss_repeat) - 128  # two freed blocks were handed back
 
