@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+# JAX's persistent compilation cache of this test run alone (never the user's ~/.cache), shared
+# with the CLI runs the tests start as subprocesses: each program compiles once per run.
+_JAX_CACHE = tempfile.mkdtemp(prefix="bit_jax_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 
 # As `python -m bit_<framework>.train` runs: bit_jax's malloc setting and bit_tf2's oneDNN
 # switch apply before any framework starts.

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+# JAX's persistent compilation cache stays off (unless the caller set it), so that the first-step
+# column is JAX's compile time and the step memory includes compiling, whatever ran before.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+
 # First, before torch or tensorflow start threads or read their environment: bit_jax keeps
 # freed memory mapped (XLA's per-step scratch buffer), bit_tf2 asks for TensorFlow's oneDNN
 # kernels. The settings hold for the whole process, timm included.

@@ -1,7 +1,8 @@
-"""The process-wide speed settings: glibc keeps freed memory, TensorFlow gets oneDNN kernels.
+"""The process-wide speed settings: glibc keeps freed memory, TensorFlow gets oneDNN kernels, JAX
+keeps compiled programs on disk.
 
-Each check runs in a fresh interpreter, because both settings act only before the process has
-started framework threads (malloc) or imported TensorFlow (oneDNN).
+Each check runs in a fresh interpreter, because these settings act only before the process has
+started framework threads (malloc), imported TensorFlow (oneDNN) or compiled anything (JAX).
 """
 
 from __future__ import annotations
@@ -135,3 +136,39 @@ def test_env_override_reads_unset_off_and_on(monkeypatch):
     for on in ("1", "true", "yes"):
         monkeypatch.setenv(name, on)
         assert runtime.env_override(name) is True, on
+
+
+CACHE_DIR_QUERY = "import {first}; import jax; print(repr(jax.config.jax_compilation_cache_dir))"
+# A jitted function compiled in a fresh process; prints the persistent cache's hits.
+COMPILE = """
+import bit_jax, jax, jax.numpy as jnp
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
+jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
+print(hits.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+@pytest.mark.parametrize("first", ["bit_jax", "jax, bit_jax"])
+def test_bit_jax_defaults_the_compilation_cache_to_the_user_cache(tmp_path, first):
+    pytest.importorskip("jax")
+    code = CACHE_DIR_QUERY.format(first=first)
+    got = _child(code, unset="JAX_COMPILATION_CACHE_DIR", XDG_CACHE_HOME=str(tmp_path))
+    assert got == repr(str(tmp_path / "bit_jax" / "xla"))
+
+
+def test_the_users_compilation_cache_setting_wins(tmp_path):
+    pytest.importorskip("jax")
+    code = CACHE_DIR_QUERY.format(first="bit_jax")
+    mine = str(tmp_path / "mine")
+    assert _child(code, JAX_COMPILATION_CACHE_DIR=mine) == repr(mine)
+    assert _child(code, JAX_COMPILATION_CACHE_DIR="") == "''"  # empty: the cache is off
+
+
+def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
+    pytest.importorskip("jax")
+    env = {"XDG_CACHE_HOME": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    assert _child(COMPILE, unset="JAX_COMPILATION_CACHE_DIR", **env) == "0"
+    written = list((tmp_path / "bit_jax" / "xla").glob("jit_*-cache"))
+    assert written  # the jitted function (and jnp.ones, at this zero threshold)
+    assert _child(COMPILE, unset="JAX_COMPILATION_CACHE_DIR", **env) == str(len(written))

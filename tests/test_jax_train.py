@@ -1,19 +1,16 @@
 """bit_jax.train: the jitted step (mixup, batch_split, SGD momentum, 2 devices) and the CLI.
 
-Compiling R50x1's train step takes ~20 s on two CPU cores, so the tests share one persistent
-XLA compilation cache (a temporary folder, unless JAX_COMPILATION_CACHE_DIR is already set): the
-CLI subprocesses and the in-process steps below compile each distinct step once.
+Compiling R50x1's train step takes ~20 s on two CPU cores, so the tests share the test run's
+persistent XLA compilation cache (conftest.py's JAX_COMPILATION_CACHE_DIR, a temporary folder):
+the CLI subprocesses and the in-process steps below compile each distinct step once.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -34,16 +31,8 @@ from bit_jax import models, train  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 B, CROP = 8, 32
 
-# Set at collection time, before anything in this process compiles (the cache is read once).
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not jax.config.jax_compilation_cache_dir:
-    _CACHE = tempfile.mkdtemp(prefix="bit_jax_xla_cache_")
-    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", _CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Every program the CLI subprocesses compile goes into the cache, however quickly it compiled.
 CACHE_ENV = {
-    "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    or jax.config.jax_compilation_cache_dir,
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     "TF_CPP_MIN_LOG_LEVEL": "2",
