@@ -22,6 +22,7 @@ from bit_common.runtime import retain_freed_memory
 retain_freed_memory()
 
 CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+CACHE_MAX_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
 CACHE_MAX_BYTES = 2 << 30
 
 
@@ -39,11 +40,11 @@ def _default_compilation_cache() -> None:
     long as it has compiled nothing yet (JAX decides once, at its first compilation).
     """
     os.environ.setdefault(CACHE_DIR_ENV, default_cache_dir())
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(CACHE_MAX_BYTES))
+    os.environ.setdefault(CACHE_MAX_ENV, str(CACHE_MAX_BYTES))
     jax = sys.modules.get("jax")
     if jax is not None and jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_DIR_ENV])
-        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ[CACHE_MAX_ENV]))
 
 
 _default_compilation_cache()

@@ -138,7 +138,9 @@ def test_env_override_reads_unset_off_and_on(monkeypatch):
         assert runtime.env_override(name) is True, on
 
 
-CACHE_DIR_QUERY = "import {first}; import jax; print(repr(jax.config.jax_compilation_cache_dir))"
+CACHE_DIR_QUERY = ("import {first}; import jax\n"
+                   "print(repr(jax.config.jax_compilation_cache_dir), "
+                   "jax.config.jax_compilation_cache_max_size)")
 # A jitted function compiled in a fresh process; prints the persistent cache's hits.
 COMPILE = """
 import bit_jax, jax, jax.numpy as jnp
@@ -154,15 +156,21 @@ def test_bit_jax_defaults_the_compilation_cache_to_the_user_cache(tmp_path, firs
     pytest.importorskip("jax")
     code = CACHE_DIR_QUERY.format(first=first)
     got = _child(code, unset="JAX_COMPILATION_CACHE_DIR", XDG_CACHE_HOME=str(tmp_path))
-    assert got == repr(str(tmp_path / "bit_jax" / "xla"))
+    assert got == f"{str(tmp_path / 'bit_jax' / 'xla')!r} {2 << 30}"
 
 
 def test_the_users_compilation_cache_setting_wins(tmp_path):
     pytest.importorskip("jax")
     code = CACHE_DIR_QUERY.format(first="bit_jax")
     mine = str(tmp_path / "mine")
-    assert _child(code, JAX_COMPILATION_CACHE_DIR=mine) == repr(mine)
-    assert _child(code, JAX_COMPILATION_CACHE_DIR="") == "''"  # empty: the cache is off
+    got = _child(code, JAX_COMPILATION_CACHE_DIR=mine, JAX_COMPILATION_CACHE_MAX_SIZE="12345")
+    assert got == f"{mine!r} 12345"
+    assert _child(code, JAX_COMPILATION_CACHE_DIR="").startswith("'' ")  # empty: the cache is off
+    # jax imported first: its configuration is set, with the user's size limit kept.
+    code = CACHE_DIR_QUERY.format(first="jax, bit_jax")
+    got = _child(code, unset="JAX_COMPILATION_CACHE_DIR", XDG_CACHE_HOME=str(tmp_path),
+                 JAX_COMPILATION_CACHE_MAX_SIZE="12345")
+    assert got == f"{str(tmp_path / 'bit_jax' / 'xla')!r} 12345"
 
 
 def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
