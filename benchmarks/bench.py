@@ -3,6 +3,11 @@
 Prints a table and writes the same figures as JSON (default bench_results/bench.json) with the
 hardware. A benchmark, not a test: it asserts nothing. Frameworks are timed in alternating
 order within one process and the medians reported, since timings on shared machines drift.
+
+On a machine with a CUDA GPU every framework, timm included, runs on it, `--precision bf16|fp16`
+times mixed precision, the ceiling is the GPU's matmul in that precision and step memory is each
+allocator's peak. A framework that is not installed (TensorFlow on an image without it) is left
+out with a note, and JAX then times its step on a batch made here instead of its tf.data one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import numpy as np
 # JAX's persistent compilation cache stays off (unless the caller set it), so that the first-step
 # column is JAX's compile time and the step memory includes compiling, whatever ran before.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+# On a GPU, JAX would take 75 % of its memory at start, leaving timm and PyTorch the rest.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # First, before torch or tensorflow start threads or read their environment: bit_jax keeps
 # freed memory mapped (XLA's per-step scratch buffer), bit_tf2 asks for TensorFlow's oneDNN
@@ -33,6 +40,7 @@ import bit_tf2  # noqa: F401, E402
 import torchvision  # noqa: F401, E402
 
 from bit_common import checkpoint, cli, hyperrule  # noqa: E402
+from bit_common.errors import BiTError  # noqa: E402
 from bit_common.datasets import get_dataset, load_digits, scan_image_folder  # noqa: E402
 from bit_common.fewshot import sample_few_shot  # noqa: E402
 from bit_common.flops import train_flops, forward_flops  # noqa: E402
@@ -41,6 +49,7 @@ from bit_common.plan import InputPlan  # noqa: E402
 from bit_common.registry import parse_arch  # noqa: E402
 
 FRAMEWORKS = ("pytorch", "jax", "tf2")
+RUNNERS = ("timm",) + FRAMEWORKS
 ARCH = parse_arch("R50x1")
 
 
@@ -49,14 +58,43 @@ def framework(name: str):
     return importlib.import_module(f"bit_{name}.train").FRAMEWORK
 
 
+def installed(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Those of `names` (timm or a framework) that import here, and why each other one does not."""
+    import importlib
+    ok, missing = [], {}
+    for name in names:
+        try:
+            importlib.import_module("timm" if name == "timm" else f"bit_{name}.train")
+            ok.append(name)
+        except ImportError as e:
+            missing[name] = f"{type(e).__name__}: {e}"
+    return ok, missing
+
+
+def has_tensorflow() -> bool:
+    try:
+        import tensorflow  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def cuda_device() -> str | None:
+    """The CUDA GPU's name where torch sees one (every framework then trains on it)."""
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def make_setup(fw: str, batch: int, crop: int, batch_split: int = 1, dataset: str = "digits",
-               datadir: str | None = None, workers: int = 2) -> RunSetup:
+               datadir: str | None = None, workers: int = 2,
+               precision: str = "fp32") -> RunSetup:
     """A RunSetup as the shared loop would build it, with a seeded random R50x1 (10 classes)."""
     resize = crop + crop // 8
     argv = ["--name", "bench", "--model", "BiT-M-R50x1", "--logdir", tempfile.gettempdir(),
             "--dataset", dataset, "--batch", str(batch), "--batch_split", str(batch_split),
             "--resolution", str(resize), str(crop), "--workers", str(workers),
-            "--batch_eval", str(batch)] + (["--datadir", datadir] if datadir else [])
+            "--batch_eval", str(batch), "--precision", precision] + (
+                ["--datadir", datadir] if datadir else [])
     args = cli.build_parser(fw).parse_args(argv)
     train = load_digits("train") if dataset == "digits" else scan_image_folder(datadir, "train")
     params = checkpoint.random_params(ARCH, 10, seed=0)
@@ -68,58 +106,131 @@ def make_setup(fw: str, batch: int, crop: int, batch_split: int = 1, dataset: st
 
 # ---- the machine's ceiling -----------------------------------------------------------------
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the best of numpy's and torch's float32 n x n matmul on the CPU."""
     import torch
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     ta = torch.from_numpy(a)
-    best = 0.0
-    for fn in (lambda: a @ a, lambda: ta @ ta):
+    return max(_gflops(lambda: a @ a, n, repeats), _gflops(lambda: ta @ ta, n, repeats))
+
+
+def gpu_matmul_gflops(precision: str, n: int = 8192, repeats: int = 10) -> float:
+    """GFLOP/s of the GPU's n x n matmul in the steps' precision (float32 without TF32)."""
+    import torch
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    with cuda_fp32_flags(precision == "fp32"):
+        return _gflops(lambda: (a @ a, torch.cuda.synchronize()), n, repeats)
+
+
+def _gflops(fn: Callable[[], object], n: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2 * n ** 3 / min(times) / 1e9)
-    return best
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def cuda_fp32_flags(full: bool):
+    """TF32 off for true float32 (as every backend's fp32 runs), the defaults otherwise."""
+    import contextlib
+    from bit_pytorch.models import full_fp32
+    return full_fp32() if full else contextlib.nullcontext()
 
 
 # ---- training and evaluation speed ---------------------------------------------------------
 class TimmStep:
-    """timm's resnetv2_50x1_bit with plain SGD momentum: the outside reference."""
+    """timm's resnetv2_50x1_bit with plain SGD momentum: the outside reference.
 
-    def __init__(self, batch: dict, classes: int = 10):
+    On a GPU it trains as our PyTorch backend does there: channels_last, cudnn.benchmark, TF32
+    off in float32, autocast (and a GradScaler for fp16) in mixed precision.
+    """
+
+    def __init__(self, batch: dict, classes: int = 10, precision: str = "fp32"):
         import timm
         import torch
         self.torch = torch
-        self.model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=classes)
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda" if cuda else "cpu")
+        fmt = torch.channels_last if cuda else torch.contiguous_format
+        self.model = timm.create_model("resnetv2_50x1_bit", pretrained=False,
+                                       num_classes=classes).to(device, memory_format=fmt)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.9)
-        self.x = torch.from_numpy(np.ascontiguousarray(batch["x"].transpose(0, 3, 1, 2)))
-        self.y = torch.from_numpy(batch["y"]).long()
+        x = torch.from_numpy(np.ascontiguousarray(batch["x"].transpose(0, 3, 1, 2)))
+        self.x = x.to(device).contiguous(memory_format=fmt)
+        self.y = torch.from_numpy(batch["y"]).long().to(device)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.full_fp32 = cuda and precision == "fp32"
+        if cuda:
+            torch.backends.cudnn.benchmark = True
 
     def __call__(self) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
-        self.opt.step()
-        return loss.item()
+        import contextlib
+        torch = self.torch
+        amp = (torch.autocast("cuda", dtype=self.amp) if self.amp else contextlib.nullcontext())
+        with cuda_fp32_flags(self.full_fp32):
+            self.opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = torch.nn.functional.cross_entropy(self.model(self.x).float(), self.y)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.opt.step()
+            return loss.item()  # waits for the GPU
 
 
-def step_runner(name: str, batch: int, crop: int) -> Callable[[], object]:
-    """One training step of timm (`name` 'timm') or of a framework's backend, on a fixed batch."""
+def random_batch(batch: int, crop: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x": rng.uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32),
+            "y": rng.integers(0, 10, batch)}
+
+
+def step_runner(name: str, batch: int, crop: int,
+                precision: str = "fp32") -> Callable[[], object]:
+    """One training step of timm (`name` 'timm') or of a framework's backend, on a fixed batch.
+
+    Each step returns the loss as a Python float, so it has finished on the GPU when it returns.
+    """
     if name == "timm":
-        rng = np.random.default_rng(0)
-        return TimmStep({"x": rng.uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32),
-                         "y": rng.integers(0, 10, batch)})
-    backend = framework(name).make_backend(make_setup(name, batch, crop))
-    data = next(backend.train_batches(0))
+        return TimmStep(random_batch(batch, crop), precision=precision)
+    backend = framework(name).make_backend(make_setup(name, batch, crop, precision=precision))
+    data = fixed_batch(name, backend, batch, crop)
     return lambda: backend.train_step(data, 0.001)
 
 
-def train_steps(batch: int, crop: int, rounds: int, steps: int) -> dict[str, dict]:
-    """Median seconds per training step of each framework's backend and of timm."""
+def fixed_batch(name: str, backend, batch: int, crop: int):
+    """The backend's first training batch of digits; for JAX without TensorFlow (whose tf.data
+    pipeline it uses), random images in the same form (no mixup, as for digits)."""
+    if name != "jax" or has_tensorflow():
+        return next(backend.train_batches(0))
+    from bit_jax.train import shard_batch
+    b = random_batch(batch, crop)
+    return shard_batch({"image": b["x"], "label": b["y"].astype(np.int32),
+                        "mixup_lambda": np.float32(1.0),
+                        "mixup_perm": np.arange(batch, dtype=np.int32)}, backend.mesh)
+
+
+def train_steps(batch: int, crop: int, rounds: int, steps: int, names: list[str],
+                precision: str = "fp32", left_out: dict | None = None) -> dict[str, dict]:
+    """Median seconds per training step of each of `names` (timm, framework backends).
+
+    A framework that refuses the settings (JAX and fp16) is left out: its reason goes into
+    `left_out`.
+    """
     runners, compile_s = {}, {}
-    for name in ("timm",) + FRAMEWORKS:
-        runners[name] = step_runner(name, batch, crop)
+    for name in names:
+        try:
+            runners[name] = step_runner(name, batch, crop, precision)
+        except BiTError as e:
+            print(f"left out {name}: {e}", flush=True)
+            if left_out is not None:
+                left_out[name] = str(e)
+            continue
         t0 = time.perf_counter()
         runners[name]()  # compiles where the framework compiles
         if name != "timm":
@@ -136,7 +247,8 @@ def train_steps(batch: int, crop: int, rounds: int, steps: int) -> dict[str, dic
     out = {}
     for k, per_round in times.items():
         step_s = float(np.median(np.concatenate(per_round)))
-        low, mid, high = speed_ratio(per_round, times["timm"])
+        low, mid, high = (speed_ratio(per_round, times["timm"]) if "timm" in times
+                          else (None, None, None))
         out[k] = {"step_s": step_s, "img_per_s": batch / step_s, "first_step_s": compile_s.get(k),
                   "x_timm": mid, "x_timm_range": [low, high]}
     return out
@@ -153,19 +265,21 @@ def speed_ratio(rounds: list[list[float]], reference: list[list[float]]) -> tupl
     return min(ratios), float(np.median(ratios)), max(ratios)
 
 
-def eval_speed(batch: int, crop: int, rounds: int, npz: Path) -> dict[str, float]:
-    """Median img/s of `models.predict` on one batch."""
+def eval_speed(batch: int, crop: int, rounds: int, npz: Path,
+               names: list[str]) -> dict[str, float]:
+    """Median img/s of each framework's `models.predict` (float32) on one batch."""
     import importlib
     x = np.random.default_rng(1).uniform(-1, 1, (batch, crop, crop, 3)).astype(np.float32)
     fns = {}
-    for fw in FRAMEWORKS:
+    for fw in names:
         m = importlib.import_module(f"bit_{fw}.models")
-        model = m.load_npz(npz)
+        model = m.load_npz(npz, device="cuda") if fw == "pytorch" and cuda_device() \
+            else m.load_npz(npz)
         m.predict(model, x)
         fns[fw] = lambda m=m, model=model: m.predict(model, x)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
-        for fw in (FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]):
+        for fw in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             fns[fw]()
             times[fw].append(time.perf_counter() - t0)
@@ -186,17 +300,23 @@ def synthetic_folder(root: Path, n: int = 256, size: tuple[int, int] = (375, 500
     return root
 
 
-def pipeline_speed(batch: int, crop: int, batches: int, folder: Path) -> dict[str, float]:
-    """img/s of the torchvision pipeline and of the shared tf.data pipeline, model-free."""
-    from bit_pytorch import train as pt_train
-    from bit_tf2 import data as tf_data
+def pipeline_speed(batch: int, crop: int, batches: int, folder: Path,
+                   pipelines: tuple[str, ...] = ("pytorch", "tf.data")) -> dict[str, float]:
+    """img/s of the torchvision pipeline (PyTorch's) and of the shared tf.data one (JAX's and
+    TF2's), model-free."""
     out = {}
     for source, kwargs in (("digits", {}), ("jpeg_folder", {"dataset": "imagefolder",
                                                            "datadir": str(folder)})):
-        setup = make_setup("pytorch", batch, crop, **kwargs)
-        pt = pt_train.FRAMEWORK.make_backend(setup).train_batches(0)
-        tf_it = tf_data.batches(tf_data.train_dataset(make_setup("tf2", batch, crop, **kwargs), 0))
-        for name, it in (("pytorch", pt), ("tf.data", tf_it)):
+        its = {}
+        if "pytorch" in pipelines:
+            from bit_pytorch import train as pt_train
+            its["pytorch"] = pt_train.FRAMEWORK.make_backend(
+                make_setup("pytorch", batch, crop, **kwargs)).train_batches(0)
+        if "tf.data" in pipelines:
+            from bit_tf2 import data as tfd
+            its["tf.data"] = tfd.batches(tfd.train_dataset(make_setup("tf2", batch, crop,
+                                                                      **kwargs), 0))
+        for name, it in its.items():
             next(it)  # start workers
             t0 = time.perf_counter()
             for _ in range(batches):
@@ -206,13 +326,15 @@ def pipeline_speed(batch: int, crop: int, batches: int, folder: Path) -> dict[st
 
 
 # ---- memory of a step, per batch split (one fresh process each) ------------------------------
-def step_memory(fw: str, batch: int, crop: int, split: int) -> float:
-    """MiB of resident memory training steps add on top of the loaded model (fresh process)."""
+def step_memory(fw: str, batch: int, crop: int, split: int, precision: str = "fp32") -> float:
+    """MiB of memory training steps add on top of the loaded model (fresh process)."""
     code = (f"import benchmarks.bench as b; print(b._measure_step_memory({fw!r}, {batch}, "
-            f"{crop}, {split}))")
+            f"{crop}, {split}, {precision!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=True)
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if out.returncode:
+        raise RuntimeError(f"measuring {fw}'s step memory failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -223,19 +345,49 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _measure_step_memory(fw: str, batch: int, crop: int, split: int) -> float:
-    """Peak resident memory of two training steps above the loaded model and its batch.
+def _measure_step_memory(fw: str, batch: int, crop: int, split: int,
+                         precision: str = "fp32") -> float:
+    """Peak memory of two training steps above the loaded model and its batch, in MiB.
 
     Allocators keep freed memory, so the peak is taken over the first steps, before which no
-    activation was ever allocated (for JAX and TF2 it includes compiling the step).
+    activation was ever allocated (for JAX and TF2 it includes compiling the step). On a GPU it
+    is the framework's device allocator's peak, on a CPU the process's resident set.
     """
-    backend = framework(fw).make_backend(make_setup(fw, batch, crop, batch_split=split))
-    data = next(backend.train_batches(0))
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    backend = framework(fw).make_backend(make_setup(fw, batch, crop, batch_split=split,
+                                                    precision=precision))
+    data = fixed_batch(fw, backend, batch, crop)
+    base, peak = memory_probe(fw)
+    start = base()
     for _ in range(2):
         backend.train_step(data, 0.001)
-    return (_status_kib("VmHWM") - base) / 1024
+    return (peak() - start) / 2 ** 20
+
+
+def memory_probe(fw: str) -> tuple[Callable[[], int], Callable[[], int]]:
+    """(bytes in use now, peak bytes since the first call): `fw`'s GPU allocator where it runs on
+    a GPU, else the resident set (whose peak the first call resets)."""
+    if cuda_device() and fw == "pytorch":
+        import torch
+        return ((lambda: (torch.cuda.reset_peak_memory_stats(), torch.cuda.memory_allocated())[1]),
+                torch.cuda.max_memory_allocated)
+    if fw == "jax":
+        import jax
+        dev = jax.devices()[0]
+        if dev.platform != "cpu":  # a fresh process: the peak so far is the loaded model's
+            return (lambda: dev.memory_stats()["bytes_in_use"],
+                    lambda: dev.memory_stats()["peak_bytes_in_use"])
+    if fw == "tf2":
+        import tensorflow as tf
+        if tf.config.list_physical_devices("GPU"):
+            info = tf.config.experimental.get_memory_info
+            return ((lambda: (tf.config.experimental.reset_memory_stats("GPU:0"),
+                              info("GPU:0")["current"])[1]),
+                    lambda: info("GPU:0")["peak"])
+
+    def rss() -> int:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the RSS
+        return _status_kib("VmRSS") * 1024
+    return rss, lambda: _status_kib("VmHWM") * 1024
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -248,12 +400,11 @@ def hardware() -> dict:
                            if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import torch
-    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info["cuda"] = cuda_device()
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
@@ -265,27 +416,60 @@ def main(argv: list[str] | None = None) -> int:
                         "at small batches the gradients, optimizer state and compiled code, "
                         "which no split reduces, dominate")
     p.add_argument("--skip_memory", action="store_true")
+    p.add_argument("--precision", choices=cli.PRECISIONS, default="fp32",
+                   help="bf16/fp16: mixed precision, on a CUDA GPU only")
+    p.add_argument("--frameworks", default=",".join(RUNNERS),
+                   help="comma-separated, from " + ", ".join(RUNNERS) + "; those not installed "
+                        "are left out with a note")
     args = p.parse_args(argv)
+    args.frameworks = [n.strip() for n in args.frameworks.split(",") if n.strip()]
+    unknown = [n for n in args.frameworks if n not in RUNNERS]
+    if unknown:
+        p.error(f"--frameworks: unknown {', '.join(unknown)}; choose from {', '.join(RUNNERS)}.")
+    if args.precision != "fp32" and not cuda_device():
+        p.error(f"--precision {args.precision} is mixed precision on a GPU, and this machine has "
+                f"no CUDA GPU; on CPU every framework trains in float32, so drop the flag.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names, missing = installed(args.frameworks)
+    for name, why in missing.items():
+        print(f"left out {name}: not installed here ({why})", flush=True)
     res: dict = {"hardware": hardware(), "batch": args.batch, "crop": args.crop,
-                 "precision": "fp32", "arch": ARCH.name}
-    res["matmul_gflops"] = ceiling = matmul_gflops()
-    print(f"machine: {res['hardware']}\nceiling: 2048x2048 float32 matmul {ceiling:.0f} GFLOP/s",
-          flush=True)
+                 "precision": args.precision, "arch": ARCH.name, "left_out": missing}
+    if res["hardware"]["cuda"]:
+        res["matmul_gflops"] = ceiling = gpu_matmul_gflops(args.precision)
+        what = f"8192x8192 {args.precision} matmul on the GPU"
+    else:
+        res["matmul_gflops"] = ceiling = matmul_gflops()
+        what = "2048x2048 float32 matmul"
+    print(f"machine: {res['hardware']}\nceiling: {what} {ceiling:.0f} GFLOP/s", flush=True)
     flops = train_flops(ARCH, args.crop, args.crop, 10)
-    res["train"] = train_steps(args.batch, args.crop, args.rounds, args.steps)
+    res["train"] = train_steps(args.batch, args.crop, args.rounds, args.steps, names,
+                               args.precision, res["left_out"])
+    fws = [n for n in res["train"] if n != "timm"]
     for r in res["train"].values():
         r["gflops"] = flops * r["img_per_s"] / 1e9
         r["fraction_of_ceiling"] = r["gflops"] / ceiling
     with tempfile.TemporaryDirectory() as tmp:
         npz = checkpoint.write_random_checkpoint(Path(tmp) / "r50.npz", ARCH, 10)
-        res["eval_img_per_s"] = eval_speed(args.batch, args.crop, args.rounds * 2, npz)
-        folder = synthetic_folder(Path(tmp) / "images")
-        res["pipeline_img_per_s"] = pipeline_speed(args.batch, args.crop, 20, folder)
+        res["eval_img_per_s"] = eval_speed(args.batch, args.crop, args.rounds * 2, npz, fws)
+        pipelines = tuple(
+            ["pytorch"] * ("pytorch" in fws)
+            + ["tf.data"] * (bool({"jax", "tf2"} & set(fws)) and has_tensorflow()))
+        if pipelines:
+            folder = synthetic_folder(Path(tmp) / "images")
+            res["pipeline_img_per_s"] = pipeline_speed(args.batch, args.crop, 20, folder,
+                                                       pipelines)
     if not args.skip_memory:
         res["memory_batch"] = args.memory_batch
+        res["step_memory_kind"] = "GPU allocator peak" if res["hardware"]["cuda"] \
+            else "resident set"
         res["step_memory_mib"] = {
-            fw: {s: step_memory(fw, args.memory_batch, args.crop, s) for s in (1, 8)}
-            for fw in FRAMEWORKS}
+            fw: {s: step_memory(fw, args.memory_batch, args.crop, s, args.precision)
+                 for s in (1, 8)} for fw in fws}
     labels = np.random.default_rng(0).integers(0, 1000, 1_281_167)
     times = []
     for _ in range(5):
@@ -302,21 +486,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(res: dict) -> None:
-    print(f"\nR50x1, {res['crop']} px, batch {res['batch']}, float32, "
-          f"{res['hardware'].get('cpu', res['hardware']['machine'])}")
+    hw = res["hardware"]
+    print(f"\nR50x1, {res['crop']} px, batch {res['batch']}, {res['precision']}, "
+          f"{hw['cuda'] or hw.get('cpu', hw['machine'])}")
     print(f"{'training step':<14} {'img/s':>8} {'x timm':>7} {'per round':>11} {'GFLOP/s':>8} "
           f"{'of peak':>8} {'1st step s':>10}")
     for name, r in res["train"].items():
         first = f"{r['first_step_s']:.1f}" if r["first_step_s"] else "-"
         low, high = r["x_timm_range"]
-        print(f"{name:<14} {r['img_per_s']:8.1f} {r['x_timm']:7.2f} {f'{low:.2f}-{high:.2f}':>11} "
+        ratio = f"{r['x_timm']:7.2f}" if r["x_timm"] is not None else f"{'-':>7}"
+        spread = f"{low:.2f}-{high:.2f}" if low is not None else "-"
+        print(f"{name:<14} {r['img_per_s']:8.1f} {ratio} {spread:>11} "
               f"{r['gflops']:8.1f} {r['fraction_of_ceiling']:8.1%} {first:>10}")
-    print("evaluation img/s: " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                           res["eval_img_per_s"].items()))
-    print("input pipeline img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                               res["pipeline_img_per_s"].items()))
+    print("evaluation img/s (float32): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                     res["eval_img_per_s"].items()))
+    if "pipeline_img_per_s" in res:
+        print("input pipeline img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                   res["pipeline_img_per_s"].items()))
     for fw, m in res.get("step_memory_mib", {}).items():
-        print(f"step memory {fw}, batch {res['memory_batch']}: split 1 {m[1]:.0f} MiB, "
+        print(f"step memory ({res['step_memory_kind']}) {fw}, batch {res['memory_batch']}: "
+              f"split 1 {m[1]:.0f} MiB, "
               f"split 8 {m[8]:.0f} MiB ({m[8] / max(m[1], 1e-9):.2f}x)")
     print(f"few-shot 5/class over 1.28 M labels: {res['few_shot_5x1000_of_1.28M_s'] * 1e3:.0f} ms")
 

@@ -1,7 +1,11 @@
-"""The arithmetic of `make bench` and `make profile` (not their timings)."""
+"""The arithmetic and plumbing of `make bench` and `make profile` (not their timings)."""
 
 from __future__ import annotations
 
+import json
+import sys
+
+import numpy as np
 import pytest
 
 from benchmarks import bench, profile
@@ -58,3 +62,58 @@ def test_xla_breakdown_names_each_thunk_by_its_model_op():
 ])
 def test_op_category(op_name, category):
     assert profile.op_category(op_name) == category
+
+
+# ---- the bench's own plumbing (no framework compiles here) ---------------------------------
+def test_bench_refuses_mixed_precision_without_a_gpu(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("bf16 is valid with a CUDA GPU")
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--precision", "bf16"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision bf16" in err and "no CUDA GPU" in err and "drop the flag" in err
+
+
+def test_bench_refuses_an_unknown_framework(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--frameworks", "timm,mxnet"])
+    assert "unknown mxnet" in capsys.readouterr().err
+
+
+def test_bench_leaves_out_a_framework_that_does_not_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bit_tf2.train", None)  # import now raises ImportError
+    ok, missing = bench.installed(["timm", "pytorch", "tf2"])
+    assert ok == ["timm", "pytorch"] and list(missing) == ["tf2"]
+
+
+def test_jax_batch_without_tensorflow_has_the_pipelines_form(monkeypatch):
+    """On a GPU image without TensorFlow the JAX step runs on a batch made by the bench: the same
+    arrays, dtypes and shardings as its tf.data batch, so the same compiled step."""
+    backend = bench.framework("jax").make_backend(bench.make_setup("jax", 4, 32))
+    real = bench.fixed_batch("jax", backend, 4, 32)
+    monkeypatch.setattr(bench, "has_tensorflow", lambda: False)
+    made = bench.fixed_batch("jax", backend, 4, 32)
+    form = lambda b: {k: (v.shape, v.dtype, v.sharding) for k, v in b.items()}  # noqa: E731
+    assert form(made) == form(real)
+
+
+def test_resident_memory_probe_sees_an_allocation():
+    start, peak = bench.memory_probe("pytorch")  # no GPU: the resident set
+    base = start()
+    block = np.ones(64 * 2 ** 20 // 8)  # 64 MiB, touched
+    del block
+    assert peak() - base >= 60 * 2 ** 20
+
+
+def test_bench_runs_timm_and_pytorch_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--frameworks", "timm,pytorch", "--batch", "2", "--crop", "32",
+                       "--rounds", "2", "--steps", "1", "--skip_memory", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["train"]) == ["timm", "pytorch"] and res["precision"] == "fp32"
+    assert res["train"]["timm"]["x_timm"] == 1.0 and res["train"]["pytorch"]["img_per_s"] > 0
+    assert list(res["eval_img_per_s"]) == ["pytorch"]
+    assert list(res["pipeline_img_per_s"]) == ["pytorch digits", "pytorch jpeg_folder"]
+    assert "pytorch" in capsys.readouterr().out
