@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m bit_common.demo --framework $(FRAMEWORK)
 
+# Two workers, each taking whole test files (their module fixtures compile once): much of the
+# suite is compiling and tracing, which runs on one core (2-core host: 26 -> 18 min).
+TEST_WORKERS ?= 2
+
 test: install
-	$(PYTEST) -m "not slow" -q
+	$(PYTEST) -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install
 	$(PYTEST) -m slow -q
