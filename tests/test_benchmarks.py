@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import sys
 
 import numpy as np
@@ -102,8 +103,11 @@ def test_jax_batch_without_tensorflow_has_the_pipelines_form(monkeypatch):
 def test_resident_memory_probe_sees_an_allocation():
     start, peak = bench.memory_probe("pytorch")  # no GPU: the resident set
     base = start()
-    block = np.ones(64 * 2 ** 20 // 8)  # 64 MiB, touched
-    del block
+    # Fresh pages from the kernel: a malloc'ed block could reuse heap pages already resident
+    # (bit_jax keeps freed memory), which would not raise the resident set.
+    block = mmap.mmap(-1, 64 * 2 ** 20)
+    np.frombuffer(block, np.uint8)[:] = 1  # touch every page
+    block.close()
     assert peak() - base >= 60 * 2 ** 20
 
 
