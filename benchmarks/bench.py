@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def gpu_matmul_gflops(precision: str, n: int = 8192, repeats: int = 10) -> float:
     """GFLOP/s of the GPU's n x n matmul in the steps' precision (float32 without TF32)."""
     import torch
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    from bit_pytorch.train import AMP_DTYPES
+    dtype = AMP_DTYPES.get(precision, torch.float32)
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     with cuda_fp32_flags(precision == "fp32"):
         return _gflops(lambda: (a @ a, torch.cuda.synchronize()), n, repeats)
@@ -163,7 +164,8 @@ class TimmStep:
         # On a GPU the batch comes from pinned host memory each step, as bit_pytorch's does.
         self.x = x.pin_memory() if cuda else x
         self.y = torch.from_numpy(batch["y"]).long()
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        from bit_pytorch.train import AMP_DTYPES
+        self.amp = AMP_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.full_fp32 = cuda and precision == "fp32"
         if cuda:
@@ -306,7 +308,7 @@ def synthetic_folder(root: Path, n: int = 256, size: tuple[int, int] = (375, 500
 
 
 def pipeline_speed(batch: int, crop: int, batches: int, folder: Path,
-                   pipelines: tuple[str, ...] = ("pytorch", "tf.data")) -> dict[str, float]:
+                   pipelines: Sequence[str] = ("pytorch", "tf.data")) -> dict[str, float]:
     """img/s of the torchvision pipeline (PyTorch's) and of the shared tf.data one (JAX's and
     TF2's), model-free."""
     out = {}
@@ -461,9 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         npz = checkpoint.write_random_checkpoint(Path(tmp) / "r50.npz", ARCH, 10)
         res["eval_img_per_s"] = eval_speed(args.batch, args.crop, args.rounds * 2, npz, fws)
-        pipelines = tuple(
-            ["pytorch"] * ("pytorch" in fws)
-            + ["tf.data"] * (bool({"jax", "tf2"} & set(fws)) and has_tensorflow()))
+        pipelines = []
+        if "pytorch" in fws:
+            pipelines.append("pytorch")
+        if "tf2" in fws or ("jax" in fws and has_tensorflow()):  # their shared tf.data one
+            pipelines.append("tf.data")
         if pipelines:
             folder = synthetic_folder(Path(tmp) / "images")
             res["pipeline_img_per_s"] = pipeline_speed(args.batch, args.crop, 20, folder,

@@ -31,7 +31,8 @@ from bit_common.errors import BiTError
 from bit_common.loop import RunSetup
 from bit_pytorch import data, models
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# --precision -> autocast dtype (fp32: no autocast); the bench trains timm with the same.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _init_distributed(device_type: str) -> tuple[int, int]:
@@ -76,7 +77,7 @@ class TorchBackend(loop.Backend):
         # channels_last: tensor cores on GPUs; on CPU oneDNN's NHWC kernels are 2-4% faster and,
         # against a float64 run, exactly as accurate as NCHW.
         self.memory_format = torch.channels_last
-        self.amp_dtype = _AMP_DTYPES.get(args.precision)
+        self.amp_dtype = AMP_DTYPES.get(args.precision)
         self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
 
         self.model = models.from_params(setup.arch, setup.params).to(
