@@ -174,9 +174,10 @@ def from_params(arch: Arch, params: Mapping[str, np.ndarray],
 
 
 def framework_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """{state_dict key: float32 numpy array} of a model (unwraps DDP / torch.compile)."""
+    """{state_dict key: float32 numpy array} of a model (unwraps DDP / torch.compile): copies, not
+    views of the parameters that the next optimizer step updates in place."""
     model = unwrap(model)
-    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def to_params(model: nn.Module) -> dict[str, np.ndarray]:

@@ -187,7 +187,7 @@ class TorchBackend(loop.Backend):
         for name, p in self.params.items():
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
             out[name] = (np.zeros(tuple(p.shape), np.float32) if buf is None
-                         else buf.detach().float().cpu().numpy())
+                         else buf.detach().float().cpu().numpy().copy())  # not a view
         return out
 
     def get_state(self) -> dict[str, np.ndarray]:
