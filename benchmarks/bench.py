@@ -46,6 +46,7 @@ from bit_common.fewshot import sample_few_shot  # noqa: E402
 from bit_common.flops import train_flops, forward_flops  # noqa: E402
 from bit_common.loop import RunSetup  # noqa: E402
 from bit_common.plan import InputPlan  # noqa: E402
+from bit_common.precision import PRECISIONS  # noqa: E402
 from bit_common.registry import parse_arch  # noqa: E402
 
 FRAMEWORKS = ("pytorch", "jax", "tf2")
@@ -164,9 +165,9 @@ class TimmStep:
         # On a GPU the batch comes from pinned host memory each step, as bit_pytorch's does.
         self.x = x.pin_memory() if cuda else x
         self.y = torch.from_numpy(batch["y"]).long()
-        from bit_pytorch.train import AMP_DTYPES
+        from bit_pytorch.train import AMP_DTYPES, make_grad_scaler
         self.amp = AMP_DTYPES.get(precision)
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.scaler = make_grad_scaler(device.type) if precision == "fp16" else None
         self.full_fp32 = cuda and precision == "fp32"
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -423,7 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "at small batches the gradients, optimizer state and compiled code, "
                         "which no split reduces, dominate")
     p.add_argument("--skip_memory", action="store_true")
-    p.add_argument("--precision", choices=cli.PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16/fp16: mixed precision, on a CUDA GPU only")
     p.add_argument("--frameworks", default=",".join(RUNNERS),
                    help="comma-separated, from " + ", ".join(RUNNERS) + "; those not installed "

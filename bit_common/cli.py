@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from bit_common.errors import BiTError
+from bit_common.precision import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 HELP_WIDTH = 100
 
 

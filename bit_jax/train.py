@@ -30,7 +30,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bit_common import loop, runtime
+from bit_common import loop, precision, runtime
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import BiTError
 from bit_jax import models
@@ -276,16 +276,18 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     return out
 
 
-def _compute_dtype(precision: str) -> Any:
-    if precision == "fp32":
-        return jnp.float32
-    if precision == "bf16":
-        if jax.default_backend() == "cpu":
-            raise BiTError("--precision bf16 needs a GPU or TPU; on CPU the JAX backend computes "
-                           "in float32 only. Drop the flag (or pass --precision fp32).")
-        return jnp.bfloat16
-    raise BiTError(f"--precision {precision} is not supported by the JAX backend: use fp32, or "
-                   f"bf16 on a GPU/TPU (bfloat16 needs no loss scaling; float16 would).")
+def mixed_precision_available() -> bool:
+    """Whether --precision bf16 may run here (GPUs and TPUs; see bit_common.precision). The tests
+    patch this to run the bfloat16 step on a CPU."""
+    return jax.default_backend() != "cpu"
+
+
+def _compute_dtype(name: str) -> Any:
+    if name == "fp16":
+        raise BiTError("--precision fp16 is not supported by the JAX backend: use fp32, or bf16 "
+                       "on a GPU/TPU (bfloat16 needs no loss scaling; float16 would).")
+    precision.require_accelerator(name, "JAX", mixed_precision_available(), "GPU or TPU")
+    return jnp.bfloat16 if name == "bf16" else jnp.float32
 
 
 class JaxFramework:

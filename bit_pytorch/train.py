@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bit_common import checkpoint, hyperrule, loop
+from bit_common import checkpoint, hyperrule, loop, precision
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import BiTError
 from bit_common.loop import RunSetup
@@ -33,6 +33,19 @@ from bit_pytorch import data, models
 
 # --precision -> autocast dtype (fp32: no autocast); the bench trains timm with the same.
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_grad_scaler(device_type: str) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scale on bit_common.precision's schedule (TF2 scales by the same)."""
+    return torch.amp.GradScaler(device_type, init_scale=precision.LOSS_SCALE_INIT,
+                                growth_factor=2.0, backoff_factor=0.5,
+                                growth_interval=precision.LOSS_SCALE_GROWTH_INTERVAL)
+
+
+def mixed_precision_available(device: torch.device) -> bool:
+    """Whether --precision bf16/fp16 may run on `device` (GPUs only; see bit_common.precision).
+    The tests patch this to run the mixed-precision step's logic on a CPU."""
+    return device.type == "cuda"
 
 
 def _init_distributed(device_type: str) -> tuple[int, int]:
@@ -52,9 +65,9 @@ class TorchBackend(loop.Backend):
         args = setup.args
         self.setup, self.args = setup, args
         cuda = torch.cuda.is_available()
-        if args.precision != "fp32" and not cuda:
-            raise BiTError(f"--precision {args.precision} needs a CUDA GPU; this machine has "
-                           f"none. Use --precision fp32 (the default) on CPU.")
+        precision.require_accelerator(args.precision, "PyTorch",
+                                      mixed_precision_available(
+                                          torch.device("cuda" if cuda else "cpu")))
         if cuda:  # bind the device before joining the process group (NCCL)
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -78,7 +91,8 @@ class TorchBackend(loop.Backend):
         # against a float64 run, exactly as accurate as NCHW.
         self.memory_format = torch.channels_last
         self.amp_dtype = AMP_DTYPES.get(args.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
+        self.scaler = (make_grad_scaler(self.device.type)
+                       if precision.needs_loss_scaling(args.precision) else None)
 
         self.model = models.from_params(setup.arch, setup.params).to(
             self.device, memory_format=self.memory_format).train()
@@ -112,7 +126,7 @@ class TorchBackend(loop.Backend):
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ---- one optimizer step -------------------------------------------------------------------
     def train_step(self, batch: data.TrainBatch, lr: float) -> float:
@@ -193,8 +207,12 @@ class TorchBackend(loop.Backend):
     def get_state(self) -> dict[str, np.ndarray]:
         arch, c = self.setup.arch, self.setup.num_classes
         state = models.to_params(self.model)
-        return loop.join_state(state, checkpoint.from_framework(self._momentum(), arch, c,
-                                                                "pytorch"))
+        state = loop.join_state(state, checkpoint.from_framework(self._momentum(), arch, c,
+                                                                 "pytorch"))
+        if self.scaler:
+            scaler = self.scaler.state_dict()
+            state.update(precision.loss_scale_state(scaler["scale"], scaler["_growth_tracker"]))
+        return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         arch, c = self.setup.arch, self.setup.num_classes
@@ -207,6 +225,10 @@ class TorchBackend(loop.Backend):
                 buf = torch.empty_like(p).copy_(
                     torch.from_numpy(np.asarray(fw_momentum[name], np.float32)))
                 self.optimizer.state[p]["momentum_buffer"] = buf
+        if self.scaler:
+            scale, good_steps = precision.read_loss_scale(state)
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": scale,
+                                         "_growth_tracker": good_steps})
 
     def agree(self, flag: bool) -> bool:
         if self.world == 1:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bit_common import checkpoint, loop, runtime
+from bit_common import checkpoint, loop, precision, runtime
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import BiTError
 from bit_tf2 import models
@@ -38,8 +38,6 @@ from bit_tf2 import models
 keras = models.keras
 MOMENTUM = 0.9
 JIT_ENV = "BIT_TF2_JIT"
-# fp16 dynamic loss scaling (bf16 needs none).
-LOSS_SCALE_INIT, LOSS_SCALE_PERIOD = 2.0 ** 15, 2000
 
 
 # ---- devices and strategies ------------------------------------------------------------------
@@ -76,13 +74,15 @@ def use_jit() -> bool:
     return bool(tf.config.list_physical_devices("GPU")) if forced is None else forced
 
 
-def _policy(precision: str) -> str:
-    if precision == "fp32":
-        return "float32"
-    if not tf.config.list_physical_devices("GPU"):
-        raise BiTError(f"--precision {precision} needs a GPU; on CPU the TensorFlow backend "
-                       f"computes in float32 only. Drop the flag (or pass --precision fp32).")
-    return {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[precision]
+def mixed_precision_available() -> bool:
+    """Whether --precision bf16/fp16 may run here (GPUs only; see bit_common.precision). The
+    tests patch this to run the mixed-precision step's logic on a CPU."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _policy(name: str) -> str:
+    precision.require_accelerator(name, "TensorFlow", mixed_precision_available())
+    return {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[name]
 
 
 def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
@@ -115,7 +115,7 @@ class TF2Backend(loop.Backend):
         self.is_chief = _is_chief(self.strategy)
         self.jit = use_jit() if jit is None else jit
         policy = _policy(args.precision)
-        self.loss_scaling = policy == "mixed_float16"
+        self.loss_scaling = precision.needs_loss_scaling(args.precision)
         previous = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(policy)
         try:
@@ -125,7 +125,8 @@ class TF2Backend(loop.Backend):
                 self.params = [self.model.named_variables[n] for n in self.names]
                 self.momentum = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
                                              name="momentum") for v in self.params]
-                self.loss_scale = tf.Variable(LOSS_SCALE_INIT if self.loss_scaling else 1.0,
+                self.loss_scale = tf.Variable(precision.LOSS_SCALE_INIT if self.loss_scaling
+                                              else 1.0,
                                               trainable=False, dtype=tf.float32)
                 self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
         finally:
@@ -199,7 +200,8 @@ class TF2Backend(loop.Backend):
         return step
 
     def _update_loss_scale(self, finite: tf.Tensor) -> None:
-        grow = tf.logical_and(finite, self.good_steps + 1 >= LOSS_SCALE_PERIOD)
+        period = precision.LOSS_SCALE_GROWTH_INTERVAL
+        grow = tf.logical_and(finite, self.good_steps + 1 >= period)
         self.loss_scale.assign(tf.where(finite, tf.where(grow, self.loss_scale * 2,
                                                          self.loss_scale),
                                         self.loss_scale / 2))
@@ -272,7 +274,11 @@ class TF2Backend(loop.Backend):
         state = models.to_params(self.model)
         mom = checkpoint.from_framework({n: b.numpy() for n, b in zip(self.names, self.momentum)},
                                         arch, classes, models.FRAMEWORK)
-        return loop.join_state(state, mom)
+        state = loop.join_state(state, mom)
+        if self.loss_scaling:
+            state.update(precision.loss_scale_state(float(self.loss_scale.numpy()),
+                                                    int(self.good_steps.numpy())))
+        return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         arch, classes = self.setup.arch, self.setup.num_classes
@@ -281,6 +287,10 @@ class TF2Backend(loop.Backend):
         mom = checkpoint.to_framework(momentum, models.FRAMEWORK)
         for name, buf in zip(self.names, self.momentum):
             buf.assign(np.asarray(mom[name], np.float32))
+        if self.loss_scaling:
+            scale, good_steps = precision.read_loss_scale(state)
+            self.loss_scale.assign(scale)
+            self.good_steps.assign(good_steps)
 
     def agree(self, flag: bool) -> bool:
         if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bit_common import cli, hyperrule, registry
+from bit_common import cli, hyperrule, precision, registry
 from bit_common.datasets import get_dataset, image_hw, load_digits, scan_image_folder
 from bit_common.errors import BiTError, DataError
 from bit_common.fewshot import sample_few_shot
@@ -237,3 +237,23 @@ def test_folder_or_digits_source_shared_by_both_pipelines(tmp_path):
     with pytest.raises(DataError, match="needs --datadir"):
         load_folder_or_digits(folder, None, train=True)
     assert len(load_folder_or_digits(get_dataset("digits"), None, train=False)) == 360
+
+
+# ---- --precision ------------------------------------------------------------------------------
+def test_mixed_precision_needs_an_accelerator():
+    precision.require_accelerator("fp32", "PyTorch", accelerator=False)  # float32 runs anywhere
+    precision.require_accelerator("bf16", "PyTorch", accelerator=True)
+    with pytest.raises(BiTError) as e:
+        precision.require_accelerator("fp16", "TensorFlow", accelerator=False)
+    message = str(e.value)
+    assert "--precision fp16 needs a GPU" in message and "TensorFlow" in message
+    assert "--precision fp32" in message  # the fix
+    assert [p for p in precision.PRECISIONS if precision.needs_loss_scaling(p)] == ["fp16"]
+
+
+def test_loss_scale_state_round_trips_and_defaults():
+    state = precision.loss_scale_state(2.0 ** 12, 37)
+    assert precision.read_loss_scale(state) == (2.0 ** 12, 37)
+    assert state[precision.LOSS_SCALE].dtype == np.float32
+    # A checkpoint written by an fp32 or bf16 run starts fp16 at the schedule's beginning.
+    assert precision.read_loss_scale({}) == (precision.LOSS_SCALE_INIT, 0)

@@ -20,7 +20,7 @@ import pytest
 from bit_common import checkpoint, loop, runtime
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
-from conftest import UPDATE_TOLERANCE, random_images, update_difference
+from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, random_images, update_difference
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("flax")
@@ -247,6 +247,46 @@ def test_batch_split_equals_full_batch(step_inputs, step1):
         diff = update_difference(full, split, start, prefix)
         print(f"split 4 vs 1, {prefix}: relative L2 of the update {diff:.1e}")
         assert diff < UPDATE_TOLERANCE, prefix
+
+
+def test_bf16_backend_computes_in_bfloat16(monkeypatch):
+    """With mixed precision allowed (a patch on this CPU; on a GPU by itself), --precision bf16
+    builds the bfloat16 model; building compiles nothing."""
+    import jax.numpy as jnp
+    from benchmarks.bench import make_setup
+
+    monkeypatch.setattr(train, "mixed_precision_available", lambda: True)
+    backend = train.JaxBackend(make_setup("jax", B, CROP, 2, workers=1, precision="bf16"))
+    assert backend.module.dtype == jnp.bfloat16
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(backend.state))
+
+
+@pytest.mark.slow
+def test_bf16_step_matches_float32(tame_npz, monkeypatch):
+    """--precision bf16 through the backend, allowed on this CPU by a patch (on a GPU the same
+    program runs): parameters and momentum stay float32, and a step of 2 micro-batches on a
+    digits batch is within bfloat16's rounding of float32's one step, compared on `tame_npz`
+    (conftest.py)."""
+    import jax.numpy as jnp
+    from benchmarks.bench import make_setup
+
+    monkeypatch.setattr(train, "mixed_precision_available", lambda: True)
+    params = checkpoint.read_npz(tame_npz)
+    start = {**params, **{"momentum/" + k: np.zeros_like(v) for k, v in params.items()}}
+    out = {}
+    for name, split in (("fp32", 1), ("bf16", 2)):
+        backend = train.JaxBackend(make_setup("jax", B, CROP, split, workers=1, precision=name))
+        backend.set_state(start)
+        loss = backend.train_step(next(backend.train_batches(0)), 0.1)
+        out[name] = backend.get_state(), loss, backend.module.dtype
+    (full, loss32, dtype32), (new, loss16, dtype16) = out["fp32"], out["bf16"]
+    assert dtype32 == jnp.float32 and dtype16 == jnp.bfloat16
+    assert loss16 == pytest.approx(loss32, rel=0.02)
+    assert all(v.dtype == np.float32 for v in new.values())
+    for prefix in ("resnet/", "momentum/"):
+        diff = update_difference(full, new, start, prefix)
+        print(f"bf16 vs fp32, {prefix}: relative L2 of the update {diff:.1e}")
+        assert diff < MIXED_UPDATE_TOLERANCE["bf16"], prefix
 
 
 def test_train_step_runs_inline_and_trims_the_kept_heap(monkeypatch):

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from bit_common import checkpoint, cli, runlog
+from bit_common import checkpoint, cli, precision, runlog
 from bit_common.datasets import get_dataset, load_digits
 from bit_common.loop import RunSetup
 from bit_common.plan import InputPlan
 from bit_pytorch import data, models
+from bit_pytorch import train as torch_train
 from bit_pytorch.train import FRAMEWORK, TorchBackend, main
-from conftest import UPDATE_TOLERANCE, update_difference
+from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, update_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 # One OpenMP thread: fast and deterministic on a shared 2-core machine.
@@ -177,13 +178,87 @@ def test_mixup_step_matches_manual_computation(r50_npz):
     assert worst < 1e-5
 
 
+# ---- mixed precision, run on the CPU ------------------------------------------------------------
+# On a GPU the same code runs under CUDA autocast; here it runs under CPU autocast, so the step's
+# logic (autocast, loss scaling, unscaling, skipped steps, the scale in the checkpoint) is tested
+# on a machine without one.
+# The update of every layer is compared with float32's on `tame_npz` (see conftest.py).
+
+
+@pytest.fixture
+def mixed_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch_train, "mixed_precision_available", lambda device: True)
+
+
+@pytest.fixture(scope="module")
+def tame_fp32_step(tame_npz):
+    be = make_backend(tame_npz, keep_head=True)
+    start = be.get_state()
+    loss = be.train_step(first_batch(be), 0.1)
+    return start, loss, be.get_state()
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_mixed_precision_step_matches_float32(name, mixed_on_cpu, tame_npz, tame_fp32_step):
+    start, loss32, s32 = tame_fp32_step
+    be = make_backend(tame_npz, batch_split=2, extra=["--precision", name], keep_head=True)
+    loss = be.train_step(first_batch(be), 0.1)
+    state = be.get_state()
+    assert abs(loss - loss32) < 0.02 * abs(loss32)
+    for prefix in ("resnet/", "momentum/"):
+        diff = update_difference(s32, state, start, prefix)
+        print(f"{name} vs fp32, {prefix}: relative L2 of the update {diff:.1e}")
+        assert diff < MIXED_UPDATE_TOLERANCE[name], prefix
+    assert all(state[k].dtype == np.float32 for k in s32)  # parameters stay float32
+    if name == "fp16":  # one finite step on the shared schedule, saved with the checkpoint
+        assert state[precision.LOSS_SCALE] == precision.LOSS_SCALE_INIT
+        assert state[precision.LOSS_SCALE_GOOD_STEPS] == 1
+    else:
+        assert precision.LOSS_SCALE not in state
+
+
+def test_fp16_overflow_skips_the_step_and_the_scale_resumes(mixed_on_cpu, r50_npz):
+    be = make_backend(r50_npz, extra=["--precision", "fp16"], keep_head=True)
+    start = be.get_state()
+    # 2**30 overflows float16's gradients (max 65504) but not float32's loss.
+    be.set_state({**start, **precision.loss_scale_state(2.0 ** 30, 7)})
+    loss = be.train_step(first_batch(be), 0.1)
+    assert np.isfinite(loss)
+    state = be.get_state()
+    for k in start:
+        if not k.startswith("loss_scale/"):
+            np.testing.assert_array_equal(state[k], start[k], err_msg=k)  # nothing moved
+    assert precision.read_loss_scale(state) == (2.0 ** 29, 0)
+    # A fresh backend resumes the saved scale; at 2**10 the step is finite and moves the
+    # weights, and as the 2000th finite step in a row it doubles the scale.
+    again = make_backend(r50_npz, extra=["--precision", "fp16"], keep_head=True)
+    again.set_state({**state, **precision.loss_scale_state(2.0 ** 10, 1999)})
+    again.train_step(first_batch(again), 0.1)
+    grown = again.get_state()
+    assert precision.read_loss_scale(grown) == (2.0 ** 11, 0)  # 2000 finite steps: doubled
+    assert max(float(np.abs(grown[k] - start[k]).max()) for k in start
+               if k.startswith("resnet/")) > 1e-4
+
+
+def test_fp16_run_saves_the_loss_scale_and_resumes_it(mixed_on_cpu, r50_npz, ckpt_dir, tmp_path):
+    """Through the CLI: checkpoint.npz holds the scale and its count of finite steps, and the
+    resumed run continues the count (a fresh scale would restart it at 0)."""
+    argv = cli_args(ckpt_dir, tmp_path, "fp16", "--precision", "fp16", "--eval_every", "2")
+    assert main(argv + ["--steps", "2"]) == 0
+    state = load_state(tmp_path / "fp16/checkpoint.npz")
+    assert precision.read_loss_scale(state) == (precision.LOSS_SCALE_INIT, 2)
+    assert main(argv + ["--steps", "4"]) == 0
+    state = load_state(tmp_path / "fp16/checkpoint.npz")
+    assert precision.read_loss_scale(state) == (precision.LOSS_SCALE_INIT, 4)
+
+
 # ---- errors through the CLI -------------------------------------------------------------------
 BAD_INPUTS = {
     "split": (["--batch_split", "3"], "not divisible by --batch_split"),
     "model": (["--model", "BiT-M-R50x2"], "Unknown model"),
     "dataset": (["--dataset", "cifar11"], "Unknown dataset"),
     "few-shot": (["--examples_per_class", "1000"], "--examples_per_class 1000"),
-    "precision": (["--precision", "bf16"], "needs a CUDA GPU"),
+    "precision": (["--precision", "bf16"], "--precision bf16 needs a GPU"),
 }
 
 

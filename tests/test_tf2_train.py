@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, cli, loop
-from conftest import UPDATE_TOLERANCE, update_difference
+from bit_common import checkpoint, cli, loop, precision
+from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, update_difference
 from bit_common.datasets import get_dataset
 from bit_common.runlog import read_metrics
 
@@ -197,6 +197,79 @@ def test_sgd_is_torch_sgd(backend):
     s2 = backend.get_state()
     np.testing.assert_allclose(s2[mom], 0.9 * g1 + g2, atol=1e-5)
     np.testing.assert_allclose(s2[bias], s1[bias] - 0.01 * (0.9 * g1 + g2), atol=1e-5)
+
+
+# ---- mixed precision, run on the CPU -----------------------------------------------------------
+# On a GPU the same programs run; here a patch lets the backend build them on the CPU, so the
+# step's logic (the mixed policy, loss scaling, skipped steps, the scale in the checkpoint) is
+# tested on a machine without one. Compared with float32 on `tame_npz` (conftest.py).
+@pytest.fixture(scope="module")
+def tame_fp32(backend, tame_npz):
+    """The shared float32 backend's step from `tame_npz` on the first digits batch."""
+    params = checkpoint.read_npz(tame_npz)
+    start = loop.join_state(params, {k: np.zeros_like(v) for k, v in params.items()})
+    backend.set_state(start)
+    batch = next(backend.train_batches(0))
+    loss = backend.train_step(batch, 0.1)
+    return start, batch, loss, backend.get_state()
+
+
+def _mixed_backend(tame_npz, name: str) -> train.TF2Backend:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "mixed_precision_available", lambda: True)
+        be = train.TF2Backend(_setup(tame_npz.parent, "--precision", name, "--batch_split", "2"))
+    assert be.model.dtype_policy.name == {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[name]
+    return be
+
+
+@pytest.fixture(scope="module")
+def fp16_backend(tame_npz):
+    return _mixed_backend(tame_npz, "fp16")
+
+
+def _check_mixed_step(be: train.TF2Backend, name: str, tame_fp32) -> None:
+    """One step of 2 micro-batches against float32's one, from the same state and batch."""
+    start, batch, loss32, s32 = tame_fp32
+    be.set_state(start)
+    loss = be.train_step(batch, 0.1)
+    state = be.get_state()
+    assert loss == pytest.approx(loss32, rel=0.02)
+    for prefix in ("resnet/", loop.MOMENTUM):
+        diff = update_difference(s32, state, start, prefix)
+        print(f"{name} vs fp32, {prefix}: relative L2 of the update {diff:.1e}")
+        assert diff < MIXED_UPDATE_TOLERANCE[name], prefix
+    assert all(state[k].dtype == np.float32 for k in s32)  # variables stay float32
+    if name == "fp16":  # one finite step on the shared schedule, saved with the checkpoint
+        assert precision.read_loss_scale(state) == (precision.LOSS_SCALE_INIT, 1)
+    else:
+        assert precision.LOSS_SCALE not in state
+
+
+def test_fp16_step_matches_float32(fp16_backend, tame_fp32):
+    _check_mixed_step(fp16_backend, "fp16", tame_fp32)
+
+
+@pytest.mark.slow
+def test_bf16_step_matches_float32(tame_npz, tame_fp32):
+    _check_mixed_step(_mixed_backend(tame_npz, "bf16"), "bf16", tame_fp32)
+
+
+def test_fp16_overflow_skips_the_step_and_the_scale_resumes(fp16_backend, tame_fp32):
+    start, batch, _, _ = tame_fp32
+    be = fp16_backend
+    # 2**30 overflows float16's gradients (max 65504) but not float32's loss.
+    be.set_state({**start, **precision.loss_scale_state(2.0 ** 30, 7)})
+    assert np.isfinite(be.train_step(batch, 0.1))
+    state = be.get_state()
+    assert _max_diff(state, start, "resnet/") == 0 and _max_diff(state, start, "momentum/") == 0
+    assert precision.read_loss_scale(state) == (2.0 ** 29, 0)
+    # At 2**10 the step is finite and moves the weights; as the 2000th finite step in a row it
+    # doubles the scale.
+    be.set_state({**state, **precision.loss_scale_state(2.0 ** 10, 1999)})
+    be.train_step(batch, 0.1)
+    grown = be.get_state()
+    assert precision.read_loss_scale(grown) == (2.0 ** 11, 0)
+    assert _max_diff(grown, start, "resnet/") > 1e-4
 
 
 @pytest.mark.slow
