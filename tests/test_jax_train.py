@@ -272,7 +272,7 @@ def test_bf16_step_matches_float32(tame_npz, monkeypatch):
 
     monkeypatch.setattr(train, "mixed_precision_available", lambda: True)
     params = checkpoint.read_npz(tame_npz)
-    start = {**params, **{"momentum/" + k: np.zeros_like(v) for k, v in params.items()}}
+    start = loop.join_state(params, {k: np.zeros_like(v) for k, v in params.items()})
     out = {}
     for name, split in (("fp32", 1), ("bf16", 2)):
         backend = train.JaxBackend(make_setup("jax", B, CROP, split, workers=1, precision=name))
