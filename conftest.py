@@ -10,23 +10,30 @@ import tempfile
 import numpy as np
 import pytest
 
-# JAX's persistent compilation cache of this test run alone (never the user's ~/.cache), shared
-# with the CLI runs the tests start as subprocesses: each program compiles once per run.
-_JAX_CACHE = tempfile.mkdtemp(prefix="bit_jax_xla_cache_")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
-atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+from bit_common import runtime
 
-# As `python -m bit_<framework>.train` runs: bit_jax's malloc setting and bit_tf2's oneDNN
-# switch apply before any framework starts.
-import bit_jax  # noqa: F401
-import bit_tf2  # noqa: F401
+# One JAX persistent compilation cache for the whole test run (never the user's ~/.cache): made
+# by the first process (the xdist controller, or pytest without workers), inherited through the
+# environment by the workers and by the CLI runs the tests start, and removed by its maker at
+# exit. Every program is written, however quickly it compiled, so each compiles once per run.
+_CACHE_ENV = "BIT_TEST_JAX_CACHE"
+if _CACHE_ENV not in os.environ:
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="bit_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# torchvision segfaults when it is imported after tensorflow in one process (seen with
-# torchvision 0.29.1 and tensorflow 2.21); the suite imports every framework, so load it first.
-try:
-    import torchvision  # noqa: F401
-except ImportError:
-    pass
+
+
+def pytest_configure(config):
+    """The process-wide settings of the three CLIs, before any test module imports a framework
+    (configure also imports torchvision before tensorflow, which the suite imports side by
+    side); not in an xdist controller, which runs no test."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    runtime.configure(["pytorch", "jax", "tf2"])
+
 
 from bit_common import checkpoint
 from bit_common.registry import parse_arch
@@ -106,3 +113,18 @@ def update_difference(a: dict, b: dict, start: dict, prefix: str) -> float:
     da = np.concatenate([(a[k] - start[k]).ravel() for k in keys])
     db = np.concatenate([(b[k] - start[k]).ravel() for k in keys])
     return float(np.linalg.norm(da - db) / np.linalg.norm(da))
+
+
+def run_setup(framework: str, *flags: str, params: dict | None = None):
+    """The run's set-up as `python -m bit_<framework>.train` makes it (`loop.make_setup`) from
+    `--name x --model BiT-M-R50x1 --logdir unused --dataset digits` and `flags` (later flags
+    win); `params` replace the weights file."""
+    import importlib
+
+    from bit_common import cli, loop
+
+    args = cli.build_parser(framework).parse_args(
+        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", "digits",
+         *flags])
+    fw = importlib.import_module(f"bit_{framework}.train").FRAMEWORK
+    return loop.make_setup(args, fw, params=params)

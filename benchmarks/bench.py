@@ -25,59 +25,56 @@ from pathlib import Path
 
 import numpy as np
 
-# JAX's persistent compilation cache stays off (unless the caller set it), so that the first-step
-# column is JAX's compile time and the step memory includes compiling, whatever ran before.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
-# On a GPU, JAX would take 75 % of its memory at start, leaving timm and PyTorch the rest.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-# First, before torch or tensorflow start threads or read their environment: bit_jax keeps
-# freed memory mapped (XLA's per-step scratch buffer), bit_tf2 asks for TensorFlow's oneDNN
-# kernels. The settings hold for the whole process, timm included.
-import bit_jax  # noqa: F401, E402
-import bit_tf2  # noqa: F401, E402
-# torchvision must be imported before tensorflow in one process (it segfaults otherwise).
-import torchvision  # noqa: F401, E402
-
-from bit_common import checkpoint, cli, hyperrule  # noqa: E402
-from bit_common.errors import BiTError  # noqa: E402
-from bit_common.datasets import get_dataset, load_digits, scan_image_folder  # noqa: E402
-from bit_common.fewshot import sample_few_shot  # noqa: E402
-from bit_common.flops import train_flops, forward_flops  # noqa: E402
-from bit_common.loop import RunSetup  # noqa: E402
-from bit_common.plan import InputPlan  # noqa: E402
-from bit_common.precision import PRECISIONS  # noqa: E402
-from bit_common.registry import parse_arch  # noqa: E402
+from bit_common import checkpoint, cli, loop, runtime
+from bit_common.errors import BiTError
+from bit_common.fewshot import sample_few_shot
+from bit_common.flops import forward_flops, train_flops
+from bit_common.precision import PRECISIONS
+from bit_common.registry import parse_arch
 
 FRAMEWORKS = ("pytorch", "jax", "tf2")
 RUNNERS = ("timm",) + FRAMEWORKS
 ARCH = parse_arch("R50x1")
 
 
-def framework(name: str):
+# What each runner needs installed.
+REQUIRES = {"timm": ("torch", "timm"), "pytorch": ("torch", "torchvision"),
+            "jax": ("jax", "flax", "optax"), "tf2": ("tensorflow", "tensorflow_datasets")}
+
+
+def framework(name: str) -> loop.Framework:
     import importlib
     return importlib.import_module(f"bit_{name}.train").FRAMEWORK
 
 
 def installed(names: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Those of `names` (timm or a framework) that import here, and why each other one does not."""
-    import importlib
+    """Those of `names` (timm or a framework) whose packages are installed, and what each other
+    one lacks."""
+    import importlib.util
     ok, missing = [], {}
     for name in names:
-        try:
-            importlib.import_module("timm" if name == "timm" else f"bit_{name}.train")
+        absent = [m for m in REQUIRES[name] if importlib.util.find_spec(m) is None]
+        if absent:
+            missing[name] = f"not installed: {', '.join(absent)}"
+        else:
             ok.append(name)
-        except ImportError as e:
-            missing[name] = f"{type(e).__name__}: {e}"
     return ok, missing
 
 
 def has_tensorflow() -> bool:
-    try:
-        import tensorflow  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def configure(names: Sequence[str], precision: str = "fp32") -> None:
+    """The process-wide settings of the frameworks in `names` (bit_common.runtime), as their
+    CLIs apply them, plus two of the bench's own, unless the caller set them: JAX's persistent
+    compilation cache off, so that the first-step column is its compile time and the step memory
+    includes compiling; and on a GPU, no JAX preallocation of 75 % of its memory, which would
+    leave timm and PyTorch the rest."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    runtime.configure([("pytorch" if n == "timm" else n) for n in names], precision)
 
 
 def cuda_device() -> str | None:
@@ -87,9 +84,10 @@ def cuda_device() -> str | None:
 
 
 def make_setup(fw: str, batch: int, crop: int, batch_split: int = 1, dataset: str = "digits",
-               datadir: str | None = None, workers: int = 2,
-               precision: str = "fp32") -> RunSetup:
-    """A RunSetup as the shared loop would build it, with a seeded random R50x1 (10 classes)."""
+               datadir: str | None = None, workers: int = 2, precision: str = "fp32",
+               classes: int = 10) -> loop.RunSetup:
+    """The run's set-up as the CLI makes it (`loop.make_setup`), from a seeded random R50x1 with
+    a head for the dataset's `classes`."""
     resize = crop + crop // 8
     argv = ["--name", "bench", "--model", "BiT-M-R50x1", "--logdir", tempfile.gettempdir(),
             "--dataset", dataset, "--batch", str(batch), "--batch_split", str(batch_split),
@@ -97,12 +95,8 @@ def make_setup(fw: str, batch: int, crop: int, batch_split: int = 1, dataset: st
             "--batch_eval", str(batch), "--precision", precision] + (
                 ["--datadir", datadir] if datadir else [])
     args = cli.build_parser(fw).parse_args(argv)
-    train = load_digits("train") if dataset == "digits" else scan_image_folder(datadir, "train")
-    params = checkpoint.random_params(ARCH, 10, seed=0)
-    plan = InputPlan(len(train), batch, resize, crop, seed=0,
-                     mixup_alpha=hyperrule.get_mixup(len(train)))
-    return RunSetup(args, get_dataset(dataset), train, np.arange(len(train)), 10, ARCH, params,
-                    plan, resize, crop)
+    return loop.make_setup(args, framework(fw),
+                           params=checkpoint.random_params(ARCH, classes, seed=0))
 
 
 # ---- the machine's ceiling -----------------------------------------------------------------
@@ -117,7 +111,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 def gpu_matmul_gflops(precision: str, n: int = 8192, repeats: int = 10) -> float:
     """GFLOP/s of the GPU's n x n matmul in the steps' precision (float32 without TF32)."""
     import torch
-    from bit_pytorch.train import AMP_DTYPES
+    from bit_pytorch.backend import AMP_DTYPES
     dtype = AMP_DTYPES.get(precision, torch.float32)
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     with cuda_fp32_flags(precision == "fp32"):
@@ -165,7 +159,7 @@ class TimmStep:
         # On a GPU the batch comes from pinned host memory each step, as bit_pytorch's does.
         self.x = x.pin_memory() if cuda else x
         self.y = torch.from_numpy(batch["y"]).long()
-        from bit_pytorch.train import AMP_DTYPES, make_grad_scaler
+        from bit_pytorch.backend import AMP_DTYPES, make_grad_scaler
         self.amp = AMP_DTYPES.get(precision)
         self.scaler = make_grad_scaler(device.type) if precision == "fp16" else None
         self.full_fp32 = cuda and precision == "fp32"
@@ -215,8 +209,8 @@ def fixed_batch(name: str, backend, batch: int, crop: int):
     """The backend's first training batch of digits; for JAX without TensorFlow (whose tf.data
     pipeline it uses), random images in the same form (no mixup, as for digits)."""
     if name != "jax" or has_tensorflow():
-        return next(backend.train_batches(0))
-    from bit_jax.train import shard_batch
+        return next(backend.train_batches(0))[1]
+    from bit_jax.backend import shard_batch
     b = random_batch(batch, crop)
     return shard_batch({"image": b["x"], "label": b["y"].astype(np.int32),
                         "mixup_lambda": np.float32(1.0),
@@ -295,14 +289,17 @@ def eval_speed(batch: int, crop: int, rounds: int, npz: Path,
 
 
 # ---- input pipelines -----------------------------------------------------------------------
+FOLDER_CLASSES = 4
+
+
 def synthetic_folder(root: Path, n: int = 256, size: tuple[int, int] = (375, 500)) -> Path:
     from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
-        for c in range(4):
+        for c in range(FOLDER_CLASSES):
             d = root / split / f"class{c}"
             d.mkdir(parents=True, exist_ok=True)
-            for i in range(n // 4 if split == "train" else 2):
+            for i in range(n // FOLDER_CLASSES if split == "train" else 2):
                 img = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
                 Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
     return root
@@ -314,14 +311,14 @@ def pipeline_speed(batch: int, crop: int, batches: int, folder: Path,
     TF2's), model-free."""
     out = {}
     for source, kwargs in (("digits", {}), ("jpeg_folder", {"dataset": "imagefolder",
-                                                           "datadir": str(folder)})):
+                                                           "datadir": str(folder),
+                                                           "classes": FOLDER_CLASSES})):
         its = {}
         if "pytorch" in pipelines:
-            from bit_pytorch import train as pt_train
-            its["pytorch"] = pt_train.FRAMEWORK.make_backend(
+            its["pytorch"] = framework("pytorch").make_backend(
                 make_setup("pytorch", batch, crop, **kwargs)).train_batches(0)
         if "tf.data" in pipelines:
-            from bit_tf2 import data as tfd
+            from bit_tfdata import pipeline as tfd
             its["tf.data"] = tfd.batches(tfd.train_dataset(make_setup("tf2", batch, crop,
                                                                       **kwargs), 0))
         for name, it in its.items():
@@ -361,6 +358,7 @@ def _measure_step_memory(fw: str, batch: int, crop: int, split: int,
     activation was ever allocated (for JAX and TF2 it includes compiling the step). On a GPU it
     is the framework's device allocator's peak, on a CPU the process's resident set.
     """
+    configure([fw], precision)
     backend = framework(fw).make_backend(make_setup(fw, batch, crop, batch_split=split,
                                                     precision=precision))
     data = fixed_batch(fw, backend, batch, crop)
@@ -444,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names, missing = installed(args.frameworks)
     for name, why in missing.items():
-        print(f"left out {name}: not installed here ({why})", flush=True)
+        print(f"left out {name}: {why}", flush=True)
+    configure(names, args.precision)
     res: dict = {"hardware": hardware(), "batch": args.batch, "crop": args.crop,
                  "precision": args.precision, "arch": ARCH.name, "left_out": missing}
     if res["hardware"]["cuda"]:

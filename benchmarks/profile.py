@@ -115,7 +115,8 @@ def print_breakdown(framework: str, step_ms: float, rows: dict[str, list[float]]
 def _child(framework: str, batch: int, crop: int, steps: int, hlo_dir: str) -> None:
     """Warm up, then run `steps` profiled steps between the markers; print the step time (and,
     for JAX, the breakdown as JSON on the last line)."""
-    from benchmarks.bench import step_runner
+    from benchmarks.bench import configure, step_runner
+    configure([framework])
     run = step_runner(framework, batch, crop)
     for _ in range(2):
         run()

@@ -1,19 +1,36 @@
-"""The released `.npz` layout: expected keys and shapes, reading, validating, writing, name mapping.
+"""The released `.npz` layout: expected keys and shapes, reading, validating and writing files.
 
-Canonical names are the released file's keys (`resnet/block1/unit01/a/group_norm/gamma`, ...),
-float32, kernels HWIO. Each framework package converts with `to_framework` / `from_framework`
-and holds no name strings of its own.
+Canonical names are the released file's keys, float32, convolution kernels HWIO:
+
+    resnet/root_block/standardized_conv2d/kernel              (7, 7, 3, 64w)
+    resnet/block{b}/unit{u:02d}/{a,b,c}/group_norm/{gamma,beta}
+    resnet/block{b}/unit{u:02d}/{a,b,c}/standardized_conv2d/kernel   (1x1, 3x3, 1x1)
+    resnet/block{b}/unit01/a/proj/standardized_conv2d/kernel  (the first unit of each block)
+    resnet/group_norm/{gamma,beta}, resnet/head/conv2d/{kernel,bias}
+
+Some released files spell a convolution `standardized_conv2d_<N>`; `read_npz` accepts both.
+The computation the weights expect, which each framework's `models.py` implements: inputs RGB
+NHWC in [-1, 1]; the root pads 3, applies its 7x7 stride-2 convolution, pads 1 with zeros and
+max-pools 3x3 with stride 2; every kernel is standardized over H, W, I (biased variance, eps
+1e-10); group norm has 32 groups and eps 1e-5; a pre-activation bottleneck computes
+`a = relu(gn_a(x))`, the shortcut `proj(a)` (first unit of a block) or `x`, then the 1x1, 3x3 (the
+unit's stride, padding 1) and 1x1 convolutions with `relu(gn(.))` before the last two; stride 2
+on the first unit of blocks 2-4; the head is `relu(group_norm(x))`, a global mean and the 1x1
+convolution with bias.
+
+Each framework's `models.py` owns the names its own parameters have and converts with
+`to_framework` / `from_framework`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +41,6 @@ PREFIX = "resnet/"
 ROOT_KERNEL = "resnet/root_block/standardized_conv2d/kernel"
 HEAD_KERNEL = "resnet/head/conv2d/kernel"
 HEAD_BIAS = "resnet/head/conv2d/bias"
-FRAMEWORKS = ("pytorch", "jax", "tf2")
 _QUIRK = re.compile(r"standardized_conv2d_\d+")
 
 Params = dict[str, np.ndarray]
@@ -162,17 +178,6 @@ def load_params(path: str | os.PathLike, num_classes: int | None = None,
 
 
 TMP_SUFFIX = ".tmp"
-# Fault injection for the reliability tests: SIGKILL this process in the middle of its N-th
-# atomic write (after the data, before the rename), as a power cut or `kill -9` would.
-KILL_ON_SAVE_ENV = "BIT_TEST_KILL_ON_SAVE"
-_saves = 0
-
-
-def _maybe_die_mid_write() -> None:
-    global _saves
-    _saves += 1
-    if os.environ.get(KILL_ON_SAVE_ENV) == str(_saves):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -194,13 +199,17 @@ def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> N
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            _maybe_die_mid_write()
-            os.fsync(f.fileno())
+            _make_durable(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_durable(f: Any) -> None:
+    """Flush and fsync the written data (before the rename makes it the file)."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def save_params(params: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -241,76 +250,29 @@ def write_random_checkpoint(path: str | os.PathLike, arch: Arch | str, num_class
     return Path(path)
 
 
-# ---- name mapping -------------------------------------------------------------------------
-# PyTorch module names for the three sub-layers of a unit and for the head.
-_TORCH_SUB = {"a": ("gn1", "conv1"), "b": ("gn2", "conv2"), "c": ("gn3", "conv3")}
-_TORCH_GN = {"gamma": "weight", "beta": "bias"}
-_FLAX_GN = {"gamma": "scale", "beta": "bias"}
+# ---- conversion to and from a framework's own parameter names ---------------------------
+def _same(value: np.ndarray) -> np.ndarray:
+    return value
 
 
-def _torch_key(key: str) -> str:
-    parts = key[len(PREFIX):].split("/")
-    if parts[0] == "root_block":
-        return "root.conv.weight"
-    if parts[0] == "group_norm":
-        return f"head.gn.{_TORCH_GN[parts[1]]}"
-    if parts[0] == "head":
-        return f"head.conv.{'weight' if parts[2] == 'kernel' else 'bias'}"
-    block, unit, sub = parts[0], parts[1], parts[2]
-    prefix = f"body.{block}.{unit}."
-    if parts[3] == "proj":
-        return prefix + "downsample.weight"
-    gn, conv = _TORCH_SUB[sub]
-    if parts[3] == "group_norm":
-        return prefix + f"{gn}.{_TORCH_GN[parts[4]]}"
-    return prefix + f"{conv}.weight"
+def to_framework(params: Mapping[str, np.ndarray], name: Callable[[str], str],
+                 layout: Callable[[np.ndarray], np.ndarray] = _same) -> Params:
+    """Canonical params -> {name(key): layout(array)}: a framework's names and array layout."""
+    return {name(key): layout(value) for key, value in params.items()}
 
 
-def framework_key(key: str, framework: str) -> str:
-    """The name a framework's model gives the canonical parameter `key`.
-
-    pytorch: `state_dict()` keys (`body.block1.unit01.conv1.weight`);
-    jax: flax parameter paths joined by '/' (`block1/unit01/a/group_norm/scale`);
-    tf2: Keras layer paths joined by '/' (`block1/unit01/a/group_norm/gamma`).
-    """
-    if framework == "pytorch":
-        return _torch_key(key)
-    stripped = key[len(PREFIX):]
-    if framework == "jax":
-        head, _, leaf = stripped.rpartition("/")
-        if head.endswith("group_norm"):
-            leaf = _FLAX_GN[leaf]
-        return f"{head}/{leaf}"
-    if framework == "tf2":
-        return stripped
-    raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
-
-
-def to_framework(params: Mapping[str, np.ndarray], framework: str) -> Params:
-    """Canonical params -> {framework name: array in the framework's layout}.
-
-    Only PyTorch changes layout: conv kernels HWIO -> OIHW (the head stays a 1x1 conv).
-    """
-    out: Params = {}
-    for key, value in params.items():
-        if framework == "pytorch" and value.ndim == 4:
-            value = np.ascontiguousarray(value.transpose(3, 2, 0, 1))
-        out[framework_key(key, framework)] = value
-    return out
-
-
-def from_framework(fw_params: Mapping[str, np.ndarray], arch: Arch, num_classes: int,
-                   framework: str) -> Params:
-    """{framework name: array} -> canonical params, validated against the released layout."""
+def from_framework(fw_params: Mapping[str, Any], arch: Arch, num_classes: int,
+                   name: Callable[[str], str],
+                   layout: Callable[[np.ndarray], np.ndarray] = _same,
+                   source: str = "The model") -> Params:
+    """{framework name: array} -> canonical float32 params (`layout` back to HWIO), validated
+    against the released layout of `arch` with `num_classes`."""
     out: Params = {}
     for key in expected_shapes(arch, num_classes):
-        name = framework_key(key, framework)
-        if name not in fw_params:
-            raise CheckpointError(f"The {framework} model has no parameter {name!r} "
-                                  f"(canonical {key!r}).")
-        value = np.asarray(fw_params[name], dtype=np.float32)
-        if framework == "pytorch" and value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)
+        fw_name = name(key)
+        if fw_name not in fw_params:
+            raise CheckpointError(f"{source} has no parameter {fw_name!r} (canonical {key!r}).")
+        value = layout(np.asarray(fw_params[fw_name], dtype=np.float32))
         out[key] = np.ascontiguousarray(value)
-    validate(out, arch, num_classes, source=f"The {framework} model")
+    validate(out, arch, num_classes, source=source)
     return out

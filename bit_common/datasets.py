@@ -61,13 +61,6 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: np.ndarray) -> Split:
-        """The examples at `indices` (for few-shot)."""
-        return Split(self.labels[indices],
-                     None if self.images is None else self.images[indices],
-                     None if self.paths is None else [self.paths[i] for i in indices],
-                     self.class_names)
-
 
 # ---- digits: scikit-learn's bundled 8x8 handwritten digits, a real offline dataset -----------
 DIGITS_TEST_EVERY = 5  # every 5th example (by index) is the fixed test split: 1437 train / 360 test

@@ -1,7 +1,12 @@
-"""BiT-HyperRule: resolution, mixup and learning-rate schedule from the dataset alone."""
+"""BiT-HyperRule: resolution, mixup and learning-rate schedule from the dataset alone.
+
+The optimiser is SGD with momentum `MOMENTUM` and no weight decay, in every framework written
+as torch.optim.SGD does it: `buf = MOMENTUM * buf + grad; param -= lr * buf`.
+"""
 
 from __future__ import annotations
 
+MOMENTUM = 0.9
 SMALL_AREA = 96 * 96
 
 

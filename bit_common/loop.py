@@ -1,14 +1,16 @@
-"""The training loop's control flow, shared by the three `train` modules.
+"""The training loop, shared by the three `train` modules: the run's set-up and its control flow.
 
-A framework supplies two things (see `Framework`): the training labels (so few-shot sampling and
-the hyper-rule run here), and a `Backend` that loads batches, takes optimizer steps, evaluates
-and exposes its state as canonical numpy arrays. Everything else (schedule, evaluation and
-checkpoint cadence, resume, signals, non-finite loss, logging) happens here, once.
+A framework package supplies a `Framework` (joining a multi-process run, loading a dataset's two
+splits, building a backend) and the `Backend` it builds (batches, optimizer steps, evaluation
+sums, state as canonical numpy arrays). Everything else happens here, once: the flags' checks,
+`make_setup` (few-shot subset, resolution, weights, input plan, end step), the schedule, the
+evaluation and checkpoint cadence, resume, signals, non-finite losses and logging.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -16,16 +18,17 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from bit_common import checkpoint, cli, hyperrule, registry
+from bit_common import checkpoint, cli, hyperrule, registry, runtime
 from bit_common.datasets import DatasetInfo, Split, get_dataset, image_hw
-from bit_common.errors import BiTError, CheckpointError
+from bit_common.errors import BiTError, CheckpointError, DataError
 from bit_common.fewshot import sample_few_shot
 from bit_common.plan import InputPlan
 from bit_common.runlog import RunLog
@@ -34,90 +37,221 @@ from bit_common.weights import find_or_download
 CHECKPOINT = "checkpoint.npz"
 FINAL_MODEL = "model.npz"
 CONFIG = "config.json"
-MOMENTUM = "momentum/"
+MOMENTUM_PREFIX = "momentum/"  # checkpoint keys of the momentum buffers: momentum/<canonical key>
 # Flags that change what is trained: resuming with other values would silently mix two runs.
 RESUME_KEYS = ("model", "dataset", "examples_per_class", "examples_per_class_seed", "batch",
                "base_lr", "seed", "resolution", "augment")
 
 
-def join_state(params: dict[str, np.ndarray], momentum: dict[str, np.ndarray]
+def join_state(params: Mapping[str, np.ndarray], momentum: Mapping[str, np.ndarray]
                ) -> dict[str, np.ndarray]:
     """One checkpoint state from canonical params and momentum buffers (same keys)."""
-    return {**params, **{MOMENTUM + k: v for k, v in momentum.items()}}
+    return {**params, **{MOMENTUM_PREFIX + k: v for k, v in momentum.items()}}
 
 
-def split_state(state: dict[str, np.ndarray], arch: registry.Arch, num_classes: int
+def split_state(state: Mapping[str, np.ndarray], arch: registry.Arch, num_classes: int
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(params, momentum) of a checkpoint state, both validated against the architecture."""
     params = {k: v for k, v in state.items() if k.startswith(checkpoint.PREFIX)}
-    momentum = {k[len(MOMENTUM):]: v for k, v in state.items() if k.startswith(MOMENTUM)}
+    momentum = {k[len(MOMENTUM_PREFIX):]: v for k, v in state.items()
+                if k.startswith(MOMENTUM_PREFIX)}
     checkpoint.validate(params, arch, num_classes, source="The run folder's checkpoint")
     checkpoint.validate(momentum, arch, num_classes,
                         source="The momentum buffers of the run folder's checkpoint")
     return params, momentum
 
 
+def eval_metrics(sums: np.ndarray) -> dict[str, float]:
+    """top1, top5 and mean loss from a backend's `eval_sums` (hits, hits, loss sum, count)."""
+    top1, top5, loss, count = (float(v) for v in np.asarray(sums, np.float64))
+    count = max(count, 1.0)
+    return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count}
+
+
+# ---- the run's set-up ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunConfig:
+    """The flags a framework package reads (checked by the shared code first)."""
+
+    batch: int
+    batch_split: int
+    batch_eval: int
+    workers: int
+    precision: str
+    datadir: str | None = None
+    tfds_manual_dir: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
 @dataclass
 class RunSetup:
-    """Everything a backend needs, decided by the shared code."""
+    """Everything a backend needs, decided by the shared code (`make_setup`)."""
 
-    args: argparse.Namespace
+    config: RunConfig
     dataset: DatasetInfo
     train: Split                # the full training split (labels always; images or paths maybe)
+    eval: Split                 # the evaluation split
     train_indices: np.ndarray   # few-shot subset (indices into `train`), or all of it
     num_classes: int
     arch: registry.Arch
-    params: dict[str, np.ndarray]  # canonical, head replaced by zeros
+    params: dict[str, np.ndarray]  # canonical: the checkpoint's, its head replaced by zeros
     plan: InputPlan
-    resize: int
-    crop: int
+    end_step: int               # the run stops after this many optimizer steps
+
+    @property
+    def resize(self) -> int:
+        return self.plan.resize
+
+    @property
+    def crop(self) -> int:
+        return self.plan.crop
 
 
-class Backend:
-    """One framework's model, optimizer and input pipeline, as the shared loop sees it."""
+class Backend(ABC):
+    """One framework's model, optimizer and input pipeline, as the shared loop drives them."""
 
     is_chief: bool = True  # writes logs and checkpoints (rank 0 of a multi-process run)
 
-    def train_batches(self, start_step: int) -> Iterator[Any]:
-        """Batches for steps start_step, start_step+1, ... (as built from `plan.batch_plan`)."""
-        raise NotImplementedError
+    @abstractmethod
+    def train_batches(self, start_step: int) -> Iterator[tuple[int, Any]]:
+        """(step, batch) for steps start_step, start_step + 1, ... (from `plan.batch_plan`)."""
 
+    @abstractmethod
     def train_step(self, batch: Any, lr: float) -> float:
-        """One optimizer step (SGD momentum 0.9, mixup per the batch's plan); returns the loss."""
-        raise NotImplementedError
+        """One optimizer step (hyperrule.MOMENTUM, mixup per the batch's plan); the loss."""
 
-    def evaluate(self) -> dict[str, float]:
-        """top1, top5 and loss over the whole evaluation split."""
-        raise NotImplementedError
+    @abstractmethod
+    def eval_sums(self) -> np.ndarray:
+        """[top-1 hits, top-5 hits, summed cross-entropy, examples] over the whole evaluation
+        split, summed over every process."""
 
+    @abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
         """Canonical params plus `momentum/<canonical key>` momentum buffers."""
-        raise NotImplementedError
 
-    def set_state(self, state: dict[str, np.ndarray]) -> None:
+    @abstractmethod
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Inverse of get_state."""
-        raise NotImplementedError
 
     def agree(self, flag: bool) -> bool:
         """True if any process has `flag` set (multi-process runs must stop together)."""
         return flag
 
 
-class Framework(Protocol):
-    """The two entry points each `bit_<framework>.train` module hands to `main`."""
+class Framework(ABC):
+    """What each `bit_<framework>.train` module hands to `main`. Building it imports nothing
+    heavy: the framework is imported by the methods, after `runtime.configure`."""
 
-    name: str
+    name: str  # "pytorch", "jax" or "tf2"
 
-    def load_train_split(self, args: argparse.Namespace, info: DatasetInfo) -> Split: ...
+    def start(self, config: RunConfig) -> None:
+        """Join a multi-process run where the environment describes one (before any data)."""
 
-    def make_backend(self, setup: RunSetup) -> Backend: ...
+    def stop(self) -> None:
+        """Leave the multi-process run `start` joined."""
+
+    @abstractmethod
+    def load_splits(self, config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
+        """The training and the evaluation split of a dataset (same class names)."""
+
+    @abstractmethod
+    def make_backend(self, setup: RunSetup) -> Backend:
+        """The backend that trains `setup`."""
 
 
+class PackageFramework(Framework):
+    """A framework package laid out as the three are: `bit_<name>.data.load_splits`, and
+    `bit_<name>.backend` with `init_distributed`, `finish_distributed` and the backend class;
+    each module is imported on first use."""
+
+    def __init__(self, name: str, backend_class: str):
+        self.name, self._backend_class = name, backend_class
+        self._started = False
+
+    def _module(self, module: str) -> Any:
+        return importlib.import_module(f"bit_{self.name}.{module}")
+
+    def start(self, config: RunConfig) -> None:
+        self._module("backend").init_distributed()
+        self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._module("backend").finish_distributed()
+            self._started = False
+
+    def load_splits(self, config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
+        return self._module("data").load_splits(config, info)
+
+    def make_backend(self, setup: RunSetup) -> Backend:
+        return getattr(self._module("backend"), self._backend_class)(setup)
+
+
+def check_flags(args: argparse.Namespace) -> tuple[registry.ModelInfo, DatasetInfo]:
+    """Every check of the flags that needs no file and no framework: (model, dataset)."""
+    cli.check_args(args)
+    model = registry.get_model(args.model)
+    info = get_dataset(args.dataset)
+    if info.needs_datadir and not args.datadir:
+        raise DataError(f"--dataset {args.dataset} needs --datadir (the folder holding "
+                        f"train/<class>/ and val/<class>/).")
+    return model, info
+
+
+def make_setup(args: argparse.Namespace, framework: Framework,
+               params: Mapping[str, np.ndarray] | None = None) -> RunSetup:
+    """The whole run, decided once from the flags: both splits (loaded now, so that a broken
+    evaluation split fails before the first step), the few-shot subset, the resolution, the
+    checkpoint of --model with a zero head, the input plan and the end step.
+
+    `params` (canonical) replace the checkpoint file and are kept as they are, head included;
+    the bench and the tests start from random ones.
+    """
+    model, info = check_flags(args)
+    weights = None if params is not None else find_or_download(args.model,
+                                                                args.bit_pretrained_dir)
+    config = RunConfig.from_args(args)
+    train, evaluation = framework.load_splits(config, info)
+    num_classes = info.num_classes or len(train.class_names)
+    if args.examples_per_class:
+        indices = sample_few_shot(train.labels, args.examples_per_class,
+                                  args.examples_per_class_seed)
+    else:
+        indices = np.arange(len(train), dtype=np.int64)
+    n = len(indices)
+    if args.resolution:
+        resize, crop = args.resolution
+    else:
+        resize, crop = hyperrule.get_resolution(info.image_hw or image_hw(train.paths[0]))
+    if weights is not None:
+        arch, params = checkpoint.load_params(weights, num_classes=num_classes,
+                                              expected=model.arch)
+    else:
+        arch, params = model.arch, dict(params)
+        checkpoint.validate(params, arch, num_classes, source="The given parameters")
+    plan = InputPlan(n, args.batch, resize, crop, seed=args.seed,
+                     mixup_alpha=hyperrule.get_mixup(n), augment=args.augment)
+    total = hyperrule.total_steps(n)
+    end = total if args.steps is None else min(args.steps, total)
+    return RunSetup(config, info, train, evaluation, indices, num_classes, arch, params, plan,
+                    end)
+
+
+# ---- the command ---------------------------------------------------------------------------
 def main(framework: Framework, argv: list[str] | None = None) -> int:
     """Parse the shared flags and train; a BiTError becomes a one-paragraph message and exit 2."""
     args = cli.build_parser(framework.name).parse_args(argv)
     try:
-        return Trainer(args, framework).run()
+        check_flags(args)
+        runtime.configure(framework.name, precision=args.precision)
+        framework.start(RunConfig.from_args(args))
+        try:
+            return Trainer(args, framework).run()
+        finally:
+            framework.stop()
     except BiTError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -131,17 +265,10 @@ class Trainer:
     # ---- set-up: everything is validated before the run folder is touched ----------------
     def run(self) -> int:
         args = self.args
-        cli.check_args(args)
-        registry.get_model(args.model)
-        info = get_dataset(args.dataset)
-        if info.needs_datadir and not args.datadir:
-            raise BiTError(f"--dataset {args.dataset} needs --datadir (the folder holding "
-                           f"train/<class>/ and val/<class>/).")
         run_dir = Path(args.logdir) / args.name
         _check_writable(Path(args.logdir))
         resume = self._read_checkpoint(run_dir) if args.save else None
-        weights = find_or_download(args.model, args.bit_pretrained_dir)
-        setup = self._setup(info, weights)
+        setup = make_setup(args, self.framework)
         backend = self.framework.make_backend(setup)
         start = 0
         if resume is not None:
@@ -186,33 +313,10 @@ class Trainer:
                 f"the original flags to resume it.")
         return state
 
-    def _setup(self, info: DatasetInfo, weights: Path) -> RunSetup:
-        args = self.args
-        train = self.framework.load_train_split(args, info)
-        num_classes = info.num_classes or len(train.class_names)
-        if args.examples_per_class:
-            indices = sample_few_shot(train.labels, args.examples_per_class,
-                                      args.examples_per_class_seed)
-        else:
-            indices = np.arange(len(train), dtype=np.int64)
-        n = len(indices)
-        if args.resolution:
-            resize, crop = args.resolution
-        else:
-            hw = info.image_hw or image_hw(train.paths[0])
-            resize, crop = hyperrule.get_resolution(hw)
-        arch, params = checkpoint.load_params(weights, num_classes=num_classes,
-                                              expected=registry.get_model(args.model).arch)
-        plan = InputPlan(n, args.batch, resize, crop, seed=args.seed,
-                         mixup_alpha=hyperrule.get_mixup(n), augment=args.augment)
-        return RunSetup(args, info, train, indices, num_classes, arch, params, plan, resize, crop)
-
     # ---- the loop ----------------------------------------------------------------------
     def _train(self, backend: Backend, setup: RunSetup, log: RunLog, run_dir: Path,
                start: int) -> int:
-        args, n = self.args, setup.plan.num_examples
-        end = hyperrule.total_steps(n) if args.steps is None else min(args.steps,
-                                                                      hyperrule.total_steps(n))
+        args, n, end = self.args, setup.plan.num_examples, setup.end_step
         if start >= end:
             log.info(f"Run {run_dir} already reached step {start}; nothing to do.")
             return 0
@@ -226,8 +330,12 @@ class Trainer:
         step_times: list[float] = []
         for step in range(start, end):
             lr = hyperrule.get_lr(step, n, args.base_lr)
+            got, batch = next(batches)
+            if got != step:
+                raise BiTError(f"The input pipeline produced the batch of step {got} where "
+                               f"step {step} was expected.")
             t0 = time.perf_counter()
-            loss = backend.train_step(next(batches), lr)
+            loss = backend.train_step(batch, lr)
             step_times.append(time.perf_counter() - t0)
             done = step + 1
             if not math.isfinite(loss):
@@ -239,7 +347,7 @@ class Trainer:
             log.train(done, loss, lr, args.batch / recent, recent * (end - done))
             last = done == end
             if (args.eval_every and done % args.eval_every == 0) or last:
-                log.eval(done, **backend.evaluate())
+                log.eval(done, **eval_metrics(backend.eval_sums()))
             stop = backend.agree(self.stop_signal is not None)
             if args.save and (last or stop or (save_every and done % save_every == 0)):
                 self._save(backend, run_dir, done, final=last)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -114,8 +113,3 @@ def get_model(name: str) -> ModelInfo:
                            "upstream models are BiT-S-<arch> and BiT-M-<arch>, "
                            f"<arch> one of {', '.join(ARCHITECTURES)}.")
     return models[name]
-
-
-def model_file(name: str) -> str:
-    """Relative path of a model's file under --bit_pretrained_dir (keeps the sub-folders)."""
-    return get_model(name).filename.replace("/", os.sep)

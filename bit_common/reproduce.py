@@ -1,4 +1,4 @@
-"""`make reproduce`: the command behind every published row of reference-results.md.
+"""`make reproduce`: the command behind every published row of the README's result tables.
 
 Prints the grid (models x datasets x examples per class x seeds x frameworks); with --run it
 runs the commands one after another, skipping runs that already finished, then prints the

@@ -1,25 +1,42 @@
-"""Process-wide settings that make the training step faster on CPU hosts.
+"""Process-wide settings, applied by one explicit call: `configure(frameworks)`.
 
-`retain_freed_memory`: XLA's CPU runtime allocates the whole temporary buffer of a compiled step
-(hundreds of MB for R50x1) with one malloc per step and frees it at the end. glibc serves such
-blocks with a fresh mmap, so the kernel zero-fills every page again on each step: about 130 000
-page faults and 15-25 % of a JAX step on a 2-core host. Keeping freed memory in the heap makes the
-next step reuse pages that are already mapped.
+Importing a package of this project changes nothing global; each entry point that wants these
+settings (the three CLIs through `bit_common.loop.main`, the bench, the test suite) calls
+`configure` once, first, with the frameworks it will run. Each setting, once:
 
-`HeapTrimmer`: the kept heap can grow by a whole scratch buffer when the next step's buffer no
-longer fits the hole the last one left; a training loop calls `after_step` to hand such memory
-back to the system when it piles up.
+- jax: glibc keeps freed memory (`retain_freed_memory`). XLA's CPU runtime allocates a step's
+  whole scratch buffer afresh each step, and every unmapped page costs a zero-fill (15-25 % of
+  a step); `BIT_KEEP_SYSTEM_MALLOC=1` opts out.
+- jax: the persistent compilation cache in `~/.cache/bit_jax/xla` (`$XDG_CACHE_HOME`, at most
+  2 GiB): a later run of the same step loads it instead of compiling (first step 40 s -> 10 s).
+  `JAX_COMPILATION_CACHE_DIR` moves it; set empty, it turns the cache off.
+- jax: CPU computations run inline, so a step's scratch buffer is freed before the next step
+  allocates its own and the kept heap holds one.
+- jax without tf2: TensorFlow sees no GPU; tf.data only feeds JAX, which owns the accelerators.
+- tf2: TensorFlow's oneDNN kernels (`TF_ENABLE_ONEDNN_OPTS=1` unless set; read when TensorFlow
+  is first imported). TensorFlow enables them itself only on AVX-512 VNNI CPUs; elsewhere its
+  Eigen convolutions made a step 1.37x slower.
+- jax, tf2: TensorFlow allocates GPU memory as it needs it, instead of taking the whole GPU at
+  start beside torch or JAX.
+- pytorch, tf2 (fp32 runs): TF32 off, true float32 on GPUs, as JAX's HIGHEST precision; the
+  parity tolerances assume it.
+- pytorch: cuDNN picks its fastest algorithms (`cudnn.benchmark`); shapes are fixed in a run.
+- pytorch with jax or tf2: torchvision is imported before TensorFlow; the other order crashes
+  (torchvision 0.29, TensorFlow 2.21).
 
-`env_override`: how the on/off environment overrides of a backend's defaults (BIT_TF2_JIT,
-BIT_JAX_WINOGRAD, BIT_TF2_WINOGRAD) read.
+`HeapTrimmer` bounds the kept heap from the training loop; `env_override` reads the on/off
+environment overrides of a backend's defaults (BIT_TF2_JIT, BIT_JAX_WINOGRAD, BIT_TF2_WINOGRAD).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
+import sys
+from collections.abc import Iterable
 
 # mallopt parameters of glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -47,8 +64,8 @@ def retain_freed_memory() -> bool:
     whatever the limits), no mmap for large blocks, and no trimming of the heap's top. The price
     is that the process keeps its peak heap mapped until it exits, which a training run does
     anyway. It takes full effect only before the process starts threads that allocate (that is,
-    before jax, torch or tensorflow run anything), so callers invoke it at import time. A no-op
-    off glibc, and when the environment sets BIT_KEEP_SYSTEM_MALLOC=1.
+    before jax, torch or tensorflow run anything), so `configure` applies it first. A no-op off
+    glibc, and when the environment sets BIT_KEEP_SYSTEM_MALLOC=1.
     """
     if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
         return False
@@ -100,3 +117,73 @@ class HeapTrimmer:
         self._end_at_trim = max(end, self._end_at_trim or 0)
         self._libc.malloc_trim(0)
         return True
+
+
+# ---- configure -----------------------------------------------------------------------------
+JAX_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+JAX_CACHE_MAX_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
+JAX_CACHE_MAX_BYTES = 2 << 30
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def default_jax_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/bit_jax/xla`, `~/.cache/bit_jax/xla` when XDG_CACHE_HOME is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "bit_jax", "xla")
+
+
+def configure(frameworks: str | Iterable[str], precision: str = "fp32") -> None:
+    """Apply the settings listed above for `frameworks` ("pytorch", "jax", "tf2"; other
+    names get none). Call it before the frameworks run anything; `precision` is the run's
+    --precision (TF32 stays at its defaults under mixed precision)."""
+    names = {frameworks} if isinstance(frameworks, str) else set(frameworks)
+    if "jax" in names:
+        retain_freed_memory()  # first: before any framework starts threads
+    if "pytorch" in names:
+        _configure_torch(precision, tensorflow_too=bool(names & {"jax", "tf2"}))
+    if "jax" in names:
+        _configure_jax()
+    if "tf2" in names:
+        os.environ.setdefault(ONEDNN_ENV, "1")  # read when TensorFlow is first imported
+    if names & {"jax", "tf2"} and importlib.util.find_spec("tensorflow") is not None:
+        _configure_tensorflow(gpus="tf2" in names, fp32=precision == "fp32")
+
+
+def _configure_torch(precision: str, tensorflow_too: bool) -> None:
+    import torch
+
+    if tensorflow_too and importlib.util.find_spec("torchvision") is not None:
+        import torchvision  # noqa: F401  (before tensorflow: the other order crashes)
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+
+
+def _configure_jax() -> None:
+    """The compilation cache's defaults (JAX reads them from the environment when imported, and
+    its children inherit them; if it was imported before, its configuration is set instead,
+    which holds while it has compiled nothing), and inline CPU dispatch."""
+    os.environ.setdefault(JAX_CACHE_DIR_ENV, default_jax_cache_dir())
+    os.environ.setdefault(JAX_CACHE_MAX_ENV, str(JAX_CACHE_MAX_BYTES))
+    imported_before = "jax" in sys.modules
+    import jax
+
+    if imported_before and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", os.environ[JAX_CACHE_DIR_ENV])
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ[JAX_CACHE_MAX_ENV]))
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def _configure_tensorflow(gpus: bool, fp32: bool) -> None:
+    import tensorflow as tf
+
+    try:
+        if not gpus:
+            tf.config.set_visible_devices([], "GPU")
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except (RuntimeError, ValueError):  # TensorFlow already started its devices: leave them
+        pass
+    if fp32:
+        tf.config.experimental.enable_tensor_float_32_execution(False)

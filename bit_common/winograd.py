@@ -12,7 +12,8 @@ activations. The gradients are the same three steps transposed, so they save as 
                      dU = V^T @ dM  ->  dw = G^T dU G.
 
 Every function here only adds, subtracts and scales arrays and calls `ArrayOps`; the framework
-supplies the batched matmuls and the custom gradient. F(2, 3)'s float32 error is below 1e-6
+supplies the batched matmuls and the custom gradient. The batch size may be unknown (None) where
+the framework traces with an open batch dimension; `ArrayOps.reshape` then takes None for it. F(2, 3)'s float32 error is below 1e-6
 relative, next to the direct convolution's own rounding of about 3e-7.
 """
 
@@ -111,7 +112,7 @@ def input_transform(ops: ArrayOps, x: Array, shape: Sequence[int], m: int) -> Ar
     bt = TRANSFORMS[m][0]
     rows = ops.stack(combine(bt, _shift_views(ops, xp, 1, m, th)), 0)    # [a, n, th, w', c]
     v = ops.stack(combine(bt, _shift_views(ops, rows, 3, m, tw)), 1)     # [a, a, n, th, tw, c]
-    return ops.reshape(v, [(m + 2) ** 2, n * th * tw, c])
+    return ops.reshape(v, [(m + 2) ** 2, _tiles_of(n, th * tw), c])
 
 
 def input_transform_grad(ops: ArrayOps, dv: Array, shape: Sequence[int], m: int) -> Array:
@@ -165,7 +166,13 @@ def output_transform_grad(ops: ArrayOps, dy: Array, shape: Sequence[int], m: int
     at_t = transpose(TRANSFORMS[m][2])
     rows = ops.stack(combine(at_t, [ops.slice(dy, 1, i, m * th, m) for i in range(m)]), 0)
     t = ops.stack(combine(at_t, [ops.slice(rows, 3, j, m * tw, m) for j in range(m)]), 1)
-    return ops.reshape(t, [a * a, n * th * tw, co])
+    return ops.reshape(t, [a * a, _tiles_of(n, th * tw), co])
+
+
+def _tiles_of(n: int | None, per_image: int) -> int:
+    """All tiles of a batch of n images: -1 (reshape's "the rest") where n is unknown (None, a
+    batch dimension left open when the framework traces)."""
+    return -1 if n is None else n * per_image
 
 
 def _row(ops: ArrayOps, x: Array, k: int) -> Array:

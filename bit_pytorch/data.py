@@ -15,7 +15,6 @@ Evaluation resizes straight to (c, c). No rounding back to uint8 anywhere.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -31,14 +30,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bit_common import datasets
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import DataError
+from bit_common.loop import RunConfig
 from bit_common.plan import InputPlan
 
 DEFAULT_DATADIR = os.path.join("~", ".cache", "bit_datasets")
 
 
 # ---- splits: labels plus images (arrays) or paths; labels never need a decoded image ---------
-def _root(args: argparse.Namespace) -> Path:
-    return Path(os.path.expanduser(args.datadir or DEFAULT_DATADIR))
+def _root(config: RunConfig) -> Path:
+    return Path(os.path.expanduser(config.datadir or DEFAULT_DATADIR))
 
 
 def _torchvision(cls, root: Path, **kwargs):
@@ -56,57 +56,44 @@ def _torchvision(cls, root: Path, **kwargs):
             f"copy it into --datadir {root}.") from None
 
 
-def _cifar(args: argparse.Namespace, info: DatasetInfo, train: bool) -> Split:
+def _cifar(root: Path, name: str, train: bool) -> Split:
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls = CIFAR10 if info.name == "cifar10" else CIFAR100
-    ds = _torchvision(cls, _root(args), train=train)
+    ds = _torchvision(CIFAR10 if name == "cifar10" else CIFAR100, root, train=train)
     return Split(np.asarray(ds.targets, np.int64), np.asarray(ds.data, np.uint8), None,
                  list(ds.classes))
 
 
-def _pet(args: argparse.Namespace, split: str) -> Split:
+def _pet(root: Path, split: str) -> Split:
     from torchvision.datasets import OxfordIIITPet
 
-    ds = _torchvision(OxfordIIITPet, _root(args), split=split, target_types="category")
+    ds = _torchvision(OxfordIIITPet, root, split=split, target_types="category")
     return Split(np.asarray(ds._labels, np.int64), None, [str(p) for p in ds._images],
                  list(ds.classes))
 
 
-def _flowers(args: argparse.Namespace, split: str) -> Split:
+def _flowers(root: Path, split: str) -> Split:
     from torchvision.datasets import Flowers102
 
-    ds = _torchvision(Flowers102, _root(args), split=split)
+    ds = _torchvision(Flowers102, root, split=split)
     return Split(np.asarray(ds._labels, np.int64), None, [str(p) for p in ds._image_files],
                  [str(i) for i in range(102)])
 
 
-def load_train_split(args: argparse.Namespace, info: DatasetInfo) -> Split:
-    """The full training split of `--dataset` (labels, and images or image paths)."""
-    name = info.name
+def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
+    """The full training split and the evaluation split of `--dataset` (labels, and images or
+    image paths): cifar/pet/flowers/digits test, imagenet2012/imagefolder val/."""
+    name, root = info.name, _root(config)
     if name in ("cifar10", "cifar100"):
-        return _cifar(args, info, train=True)
+        return _cifar(root, name, train=True), _cifar(root, name, train=False)
     if name == "oxford_iiit_pet":
-        return _pet(args, "trainval")
+        return _pet(root, "trainval"), _pet(root, "test")
     if name == "oxford_flowers102":
-        return _flowers(args, "train")
+        return _flowers(root, "train"), _flowers(root, "test")
     if name in ("imagenet2012", "imagefolder", "digits"):
-        return datasets.load_folder_or_digits(info, args.datadir, train=True)
-    raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
-
-
-def load_eval_split(args: argparse.Namespace, info: DatasetInfo, train: Split) -> Split:
-    """The evaluation split (cifar/pet/flowers/digits: test; imagenet2012/imagefolder: val/)."""
-    name = info.name
-    if name in ("cifar10", "cifar100"):
-        return _cifar(args, info, train=False)
-    if name == "oxford_iiit_pet":
-        return _pet(args, "test")
-    if name == "oxford_flowers102":
-        return _flowers(args, "test")
-    if name in ("imagenet2012", "imagefolder", "digits"):
-        return datasets.load_folder_or_digits(info, args.datadir, train=False,
-                                              class_names=train.class_names or None)
+        train = datasets.load_folder_or_digits(info, config.datadir, train=True)
+        return train, datasets.load_folder_or_digits(info, config.datadir, train=False,
+                                                     class_names=train.class_names or None)
     raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
 
 

@@ -1,9 +1,8 @@
 """BiT's ResNet-v2 in PyTorch: weight-standardized convs, GroupNorm(32), pre-activation units.
 
-The module tree is shaped so that `state_dict()` keys are exactly the names
-`bit_common.checkpoint.framework_key(key, "pytorch")` gives the released parameters
-(`root.conv.weight`, `body.block1.unit01.gn1.weight`, ..., `head.conv.bias`); this file holds no
-parameter names of its own. Kernels are OIHW here, HWIO in the files; `bit_common` converts.
+The computation is the one the released weights expect (`bit_common.checkpoint`). `param_name`
+maps each released key to its `state_dict()` key (`resnet/block1/unit01/a/group_norm/gamma` ->
+`body.block1.unit01.gn1.weight`); kernels are OIHW here and HWIO in the files.
 
 The contract shared with bit_jax and bit_tf2:
 
@@ -26,15 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bit_common import checkpoint
-from bit_common.checkpoint import HEAD_BIAS
+from bit_common import checkpoint, contract
+from bit_common.checkpoint import HEAD_BIAS, PREFIX
 from bit_common.errors import CheckpointError
 from bit_common.registry import Arch
 
 GN_GROUPS = 32
 GN_EPS = 1e-5
 WS_EPS = 1e-10
-PREDICT_BATCH = 64  # predict/embed run in chunks of this many images to bound memory
 
 
 class StdConv2d(nn.Conv2d):
@@ -150,6 +148,50 @@ class ResNetV2(nn.Module):
         return self.head(self.features(x))
 
 
+# ---- the released names of the module tree's parameters --------------------------------------
+_UNIT_LAYERS = {"a": ("gn1", "conv1"), "b": ("gn2", "conv2"), "c": ("gn3", "conv3")}
+_GN_LEAVES = {"gamma": "weight", "beta": "bias"}
+
+
+def param_name(key: str) -> str:
+    """The `state_dict()` key of the released parameter `key`."""
+    parts = key[len(PREFIX):].split("/")
+    if parts[0] == "root_block":
+        return "root.conv.weight"
+    if parts[0] == "group_norm":
+        return f"head.gn.{_GN_LEAVES[parts[1]]}"
+    if parts[0] == "head":
+        return f"head.conv.{'weight' if parts[2] == 'kernel' else 'bias'}"
+    block, unit, sub = parts[0], parts[1], parts[2]
+    prefix = f"body.{block}.{unit}."
+    if parts[3] == "proj":
+        return prefix + "downsample.weight"
+    gn, conv = _UNIT_LAYERS[sub]
+    if parts[3] == "group_norm":
+        return prefix + f"{gn}.{_GN_LEAVES[parts[4]]}"
+    return prefix + f"{conv}.weight"
+
+
+def _to_oihw(value: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if value.ndim == 4 else value
+
+
+def _to_hwio(value: np.ndarray) -> np.ndarray:
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+
+
+def to_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Canonical (released) arrays -> {state_dict key: array}, kernels OIHW."""
+    return checkpoint.to_framework(params, param_name, _to_oihw)
+
+
+def from_state_dict(state: Mapping[str, np.ndarray], arch: Arch, num_classes: int
+                    ) -> dict[str, np.ndarray]:
+    """{state_dict key: array} -> canonical arrays, validated against the released layout."""
+    return checkpoint.from_framework(state, arch, num_classes, param_name, _to_hwio,
+                                     source="The PyTorch model")
+
+
 # ---- canonical parameters <-> model --------------------------------------------------------
 def from_params(arch: Arch, params: Mapping[str, np.ndarray],
                 device: torch.device | str | None = None) -> ResNetV2:
@@ -163,8 +205,7 @@ def from_params(arch: Arch, params: Mapping[str, np.ndarray],
                               f"ResNet-v2 checkpoint.")
     num_classes = int(params[HEAD_BIAS].shape[0])
     checkpoint.validate(params, arch, num_classes, source="The parameters")
-    state = {k: torch.tensor(np.asarray(v, np.float32))
-             for k, v in checkpoint.to_framework(params, "pytorch").items()}
+    state = {k: torch.tensor(np.asarray(v, np.float32)) for k, v in to_state_dict(params).items()}
     with torch.device("meta"):  # no wasted random init: the weights arrive next
         model = ResNetV2(arch, num_classes)
     model.load_state_dict(state, strict=True, assign=True)
@@ -183,7 +224,7 @@ def framework_state(model: nn.Module) -> dict[str, np.ndarray]:
 def to_params(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters under canonical names, in the released (HWIO) layout."""
     m = unwrap(model)
-    return checkpoint.from_framework(framework_state(m), m.arch, m.num_classes, "pytorch")
+    return from_state_dict(framework_state(m), m.arch, m.num_classes)
 
 
 def unwrap(model: nn.Module) -> ResNetV2:
@@ -230,40 +271,34 @@ def memory_format(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def nhwc_to_tensor(images: np.ndarray, device: torch.device,
-                   fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """float32 NHWC numpy -> an NCHW tensor on `device` in memory format `fmt`."""
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be float32 NHWC with 3 channels, got shape {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # channels_last view
-    return x.to(device).contiguous(memory_format=fmt)
-
-
-def _run(model: nn.Module, images: np.ndarray, embed_only: bool) -> np.ndarray:
+def _run(model: nn.Module, images: np.ndarray, embed_only: bool, batch_size: int) -> np.ndarray:
     m = unwrap(model)
     was_training = m.training
     m.eval()
     device = next(m.parameters()).device
     fmt = memory_format(m)  # the inputs follow the kernels' layout
-    outs = []
+
+    def forward(chunk: np.ndarray) -> np.ndarray:
+        # NHWC numpy is NCHW's channels_last view
+        x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2)
+        x = x.to(device).contiguous(memory_format=fmt)
+        return (m.embed(x) if embed_only else m(x)).float().cpu().numpy()
+
     try:
         with torch.inference_mode(), full_fp32():
-            for i in range(0, len(images), PREDICT_BATCH):
-                x = nhwc_to_tensor(images[i:i + PREDICT_BATCH], device, fmt)
-                y = m.embed(x) if embed_only else m(x)
-                outs.append(y.float().cpu().numpy())
+            width = m.arch.feature_dim if embed_only else m.num_classes
+            return contract.run_in_batches(forward, images, width, batch_size)
     finally:
         m.train(was_training)
-    width = m.arch.feature_dim if embed_only else m.num_classes
-    return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
 
 
-def predict(model: nn.Module, images: np.ndarray) -> np.ndarray:
+def predict(model: nn.Module, images: np.ndarray,
+            batch_size: int = contract.PREDICT_BATCH) -> np.ndarray:
     """np.float32 NHWC images in [-1, 1] -> np.float32 logits [N, C]."""
-    return _run(model, images, embed_only=False)
+    return _run(model, images, embed_only=False, batch_size=batch_size)
 
 
-def embed(model: nn.Module, images: np.ndarray) -> np.ndarray:
+def embed(model: nn.Module, images: np.ndarray,
+          batch_size: int = contract.PREDICT_BATCH) -> np.ndarray:
     """np.float32 NHWC images in [-1, 1] -> np.float32 pre-logits [N, 2048 * width]."""
-    return _run(model, images, embed_only=True)
+    return _run(model, images, embed_only=True, batch_size=batch_size)

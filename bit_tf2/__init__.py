@@ -1,17 +1,12 @@
 """BiT in TensorFlow 2 (Keras 3 on the TensorFlow backend).
 
 - `bit_tf2.models`: the ResNet-v2 and the contract (`load_npz`, `predict`, `embed`, `save_npz`,
-  plus `export` to a SavedModel that reloads without this package);
-- `bit_tf2.data`: the tf.data + tfds input pipeline (shared with bit_jax);
-- `bit_tf2.train`: `python -m bit_tf2.train`, the shared CLI and training loop.
+  plus `export` to a SavedModel that reloads without this package); `bit_tf2.ops`: its kernels
+  with hand-written gradients;
+- `bit_tf2.data`: the tf.data + tfds input pipeline (bit_tfdata, shared with bit_jax);
+- `bit_tf2.backend` and `bit_tf2.train`: the training step and `python -m bit_tf2.train`.
 
-Submodules are imported on demand, so `import bit_tf2` does not start TensorFlow. It does ask for
-TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS=1, unless the environment says otherwise):
-TensorFlow turns them on by itself only on CPUs with AVX-512 VNNI or newer, and elsewhere falls
-back to Eigen convolutions, with which an R50x1 training step ran 1.37x slower (2-core AVX2 host).
-The variable is read when TensorFlow is first imported, so import bit_tf2 before tensorflow.
+Importing changes nothing process-wide. `bit_common.runtime.configure("tf2")` (the CLI calls it)
+asks for TensorFlow's oneDNN kernels, which must happen before TensorFlow is imported, turns
+TF32 off and lets TensorFlow take GPU memory as it needs it.
 """
-
-import os
-
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

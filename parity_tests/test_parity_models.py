@@ -101,3 +101,21 @@ def test_all_nine_round_trips(loaded, tmp_path, report):
         worst = max(worst, float(np.abs(got - ref).max()))
     report(f"9 round trips: max |Δ| {worst:.2e}")
     assert worst <= TOL
+
+
+def test_same_batching_and_the_same_error_for_bad_images(loaded):
+    """`predict(m, images, batch_size)` runs chunks of at most batch_size in every framework (the
+    result does not depend on it), and a wrong shape is the same BiTError in all three."""
+    from bit_common.errors import BiTError
+
+    x = random_images(5, 32, 32, seed=7)
+    for fw, m in loaded.items():
+        models = framework_models(fw)
+        whole = models.predict(m, x)
+        np.testing.assert_allclose(models.predict(m, x, batch_size=2), whole, rtol=0, atol=TOL)
+        assert models.embed(m, x[:0]).shape == (0, 2048)
+        for bad in (x[0], x[..., :1]):
+            with pytest.raises(BiTError, match=r"Images must be float32 NHWC with 3 channels"):
+                models.predict(m, bad)
+        with pytest.raises(BiTError, match="batch_size must be at least 1"):
+            models.predict(m, x, batch_size=0)

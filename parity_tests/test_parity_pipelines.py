@@ -14,8 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bit_common.datasets import load_digits
+from bit_common import checkpoint
 from bit_common.plan import InputPlan
+from bit_common.registry import parse_arch
+from conftest import run_setup
 
 TOL = 2e-4
 SIZES = [((8, 8), 32), ((32, 32), 128), ((375, 500), 128), ((375, 500), 480), ((224, 224), 480),
@@ -29,7 +31,7 @@ def images(hw: tuple[int, int], n: int = 3, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def pipelines():
     from bit_pytorch import data as torch_data
-    from bit_tf2 import data as tf_data
+    from bit_tfdata import pipeline as tf_data
     return torch_data, tf_data
 
 
@@ -73,13 +75,10 @@ def test_flip_and_crop_mean_the_same_thing(pipelines):
 def test_training_streams_are_the_same_batches(pipelines):
     """The two pipelines, fed the same split and plan, yield the same labels and images."""
     torch_data, tf_data = pipelines
-    from types import SimpleNamespace
-
-    train = load_digits("train")
-    indices = np.arange(0, len(train), 7)  # a subset, as few-shot sampling would give
-    plan = InputPlan(len(indices), 8, 40, 32, seed=4)
-    setup = SimpleNamespace(args=SimpleNamespace(workers=1), train=train, train_indices=indices,
-                            plan=plan, resize=40, crop=32, num_classes=10)
+    setup = run_setup("tf2", "--examples_per_class", "14", "--batch", "8", "--seed", "4",
+                      "--resolution", "40", "32", "--workers", "1",
+                      params=checkpoint.random_params(parse_arch("R50x1"), 10))
+    train, indices, plan = setup.train, setup.train_indices, setup.plan
     torch_stream = torch_data.train_batches(train, indices, plan, 5, 8, range(0, 8), workers=0)
     tf_stream = tf_data.batches(tf_data.train_dataset(setup, 5))
     for step, (a, b) in zip(range(5, 8), zip(torch_stream, tf_stream)):

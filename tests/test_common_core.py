@@ -257,3 +257,23 @@ def test_loss_scale_state_round_trips_and_defaults():
     assert state[precision.LOSS_SCALE].dtype == np.float32
     # A checkpoint written by an fp32 or bf16 run starts fp16 at the schedule's beginning.
     assert precision.read_loss_scale({}) == (precision.LOSS_SCALE_INIT, 0)
+
+
+def test_contract_batches_pad_short_chunks_to_powers_of_two():
+    from bit_common import contract
+
+    seen = []
+
+    def fn(x):
+        seen.append(len(x))
+        return x.reshape(len(x), -1)[:, :2] * 2
+
+    x = np.arange(11 * 2 * 2 * 3, dtype=np.float32).reshape(11, 2, 2, 3)
+    out = contract.run_in_batches(fn, x, 2, batch_size=4, pad=True)
+    assert seen == [4, 4, 4]  # 4, 4 and 3 rows run as 4
+    np.testing.assert_array_equal(out, x.reshape(11, -1)[:, :2] * 2)
+    seen.clear()
+    contract.run_in_batches(fn, x[:5], 2, batch_size=64, pad=True)
+    contract.run_in_batches(fn, x[:3], 2, batch_size=64)
+    assert seen == [8, 3]  # padded to a power of two; unpadded without `pad`
+    assert [contract.padded_size(n, 64) for n in (1, 2, 3, 5, 64, 70)] == [1, 2, 4, 8, 64, 64]

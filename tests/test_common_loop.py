@@ -14,7 +14,7 @@ import signal
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, loop
+from bit_common import checkpoint, cli, loop
 from bit_common.datasets import load_digits
 from bit_common.runlog import read_metrics
 
@@ -24,14 +24,12 @@ HEAD_K, HEAD_B = checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS
 class NumpyHead(loop.Backend):
     """Softmax regression on pixels padded to the feature width, as a stand-in backbone."""
 
-    faults: dict[int, str] = {}  # step -> "nan" | "sigterm"
+    faults: dict[int, str] = {}  # step -> "nan" | "sigterm" | "wrong batch"
 
     def __init__(self, setup: loop.RunSetup):
         self.setup = setup
         self.params = dict(setup.params)
         self.momentum = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.eval_split = load_digits("test")
-        self.step = 0
 
     def _features(self, images):
         x = images.reshape(len(images), -1).astype(np.float64) / 255.0
@@ -40,7 +38,9 @@ class NumpyHead(loop.Backend):
     def train_batches(self, start_step):
         for s in itertools.count(start_step):
             idx = self.setup.train_indices[self.setup.plan.batch_plan(s).indices]
-            yield s, self._features(self.setup.train.images[idx]), self.setup.train.labels[idx]
+            got = s + 1 if self.faults.get(s) == "wrong batch" else s
+            yield got, (s, self._features(self.setup.train.images[idx]),
+                        self.setup.train.labels[idx])
 
     def _loss_grad(self, x, y):
         w, b = self.params[HEAD_K][0, 0], self.params[HEAD_B]
@@ -62,33 +62,33 @@ class NumpyHead(loop.Backend):
             os.kill(os.getpid(), signal.SIGTERM)
         return float("nan") if fault == "nan" else float(loss)
 
-    def evaluate(self):
-        x, y = self._features(self.eval_split.images), self.eval_split.labels
+    def eval_sums(self):
+        x, y = self._features(self.setup.eval.images), self.setup.eval.labels
         logits = x @ self.params[HEAD_K][0, 0] + self.params[HEAD_B]
         top5 = np.argsort(-logits, 1)[:, :5]
         loss, _, _ = self._loss_grad(x, y)
-        return {"top1": float((top5[:, 0] == y).mean()),
-                "top5": float((top5 == y[:, None]).any(1).mean()), "loss": float(loss)}
+        return np.array([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
+                         loss * len(y), len(y)])
 
     def get_state(self):
-        return {**self.params, **{loop.MOMENTUM + k: v for k, v in self.momentum.items()}}
+        return loop.join_state(self.params, self.momentum)
 
     def set_state(self, state):
-        self.params = {k: v for k, v in state.items() if not k.startswith(loop.MOMENTUM)}
-        self.momentum = {k[len(loop.MOMENTUM):]: v for k, v in state.items()
-                         if k.startswith(loop.MOMENTUM)}
+        self.params, self.momentum = loop.split_state(state, self.setup.arch,
+                                                      self.setup.num_classes)
 
 
-class Numpy:
+class NumpyFramework(loop.Framework):
     name = "numpy"
 
-    @staticmethod
-    def load_train_split(args, info):
-        return load_digits("train")
+    def load_splits(self, config, info):
+        return load_digits("train"), load_digits("test")
 
-    @staticmethod
-    def make_backend(setup):
+    def make_backend(self, setup):
         return NumpyHead(setup)
+
+
+Numpy = NumpyFramework()
 
 
 @pytest.fixture
@@ -99,7 +99,10 @@ def run(tmp_path, r50_npz, capsys):
         argv = ["--name", name, "--model", "BiT-M-R50x1", "--logdir", str(tmp_path / "logs"),
                 "--bit_pretrained_dir", str(r50_npz.parent), "--dataset", "digits",
                 "--batch", "16", "--base_lr", "1.0", *flags]
-        code = loop.main(Numpy, argv)
+        try:
+            code = loop.main(Numpy, argv)
+        finally:
+            NumpyHead.faults = {}  # other modules run this backend too
         return code, capsys.readouterr().err, tmp_path / "logs" / name
     return go
 
@@ -209,3 +212,36 @@ def test_wrong_architecture_file_is_explained(run, tmp_path):
     checkpoint.write_random_checkpoint(weights / "BiT-M-R101x1.npz", "R50x1", 10)
     code, err, _ = run("--model", "BiT-M-R101x1", "--bit_pretrained_dir", str(weights))
     assert code == 2 and "holds a R50x1, but a R101x1 was asked for" in err
+
+
+def test_a_batch_of_another_step_stops_the_run(run):
+    code, err, run_dir = run("--steps", "6", "--save_every", "2", name="order",
+                             faults={3: "wrong batch"})
+    assert code == 2 and "batch of step 4 where step 3 was expected" in err
+    assert int(state_of(run_dir)["meta/step"]) == 2  # the last good checkpoint is kept
+
+
+def test_eval_metrics_from_the_four_sums():
+    assert loop.eval_metrics(np.array([3.0, 5.0, 12.0, 8.0])) == {
+        "top1": 3 / 8, "top5": 5 / 8, "loss": 1.5}
+    assert loop.eval_metrics(np.zeros(4)) == {"top1": 0.0, "top5": 0.0, "loss": 0.0}
+
+
+def test_make_setup_decides_the_run_once(r50_npz):
+    """Both splits, the few-shot subset, the resolution, a zero head, the plan and the end step,
+    from the flags alone."""
+    args = cli.build_parser("numpy").parse_args(
+        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", "digits",
+         "--bit_pretrained_dir", str(r50_npz.parent), "--examples_per_class", "3",
+         "--steps", "700", "--batch", "8", "--workers", "0"])
+    setup = loop.make_setup(args, Numpy)
+    assert (len(setup.train), len(setup.eval), len(setup.train_indices)) == (1437, 360, 30)
+    assert setup.end_step == 500  # --steps beyond the rule's schedule stops at its end
+    assert (setup.resize, setup.crop, setup.plan.mixup_alpha) == (160, 128, 0.0)
+    assert not setup.params[HEAD_K].any() and setup.params[HEAD_K].shape[-1] == 10
+    assert setup.config == loop.RunConfig(batch=8, batch_split=1, batch_eval=32, workers=0,
+                                          precision="fp32")
+    given = checkpoint.random_params(setup.arch, 10, seed=1)
+    assert loop.make_setup(args, Numpy, params=given).params[HEAD_K].any()  # kept as given
+    with pytest.raises(checkpoint.CheckpointError, match="fit BiT R50x1 with 10 classes"):
+        loop.make_setup(args, Numpy, params=checkpoint.random_params(setup.arch, 7))

@@ -1,5 +1,5 @@
-"""The process-wide speed settings: glibc keeps freed memory, TensorFlow gets oneDNN kernels, JAX
-keeps compiled programs on disk.
+"""The process-wide settings (`runtime.configure`): glibc keeps freed memory, TensorFlow gets
+oneDNN kernels, JAX keeps compiled programs on disk, ...; and importing our packages applies none.
 
 Each check runs in a fresh interpreter, because these settings act only before the process has
 started framework threads (malloc), imported TensorFlow (oneDNN) or compiled anything (JAX).
@@ -102,9 +102,9 @@ def test_opt_out_leaves_malloc_alone():
     assert _child(code, BIT_KEEP_SYSTEM_MALLOC="1") == "False"
 
 
-def test_bit_tf2_turns_on_onednn_unless_the_user_chose():
+def test_configure_turns_on_onednn_unless_the_user_chose():
     pytest.importorskip("tensorflow")
-    code = ("import bit_tf2, tensorflow\n"
+    code = ("from bit_common import runtime; runtime.configure('tf2'); import tensorflow\n"
             "from tensorflow.python.util import _pywrap_util_port as port\n"
             "print(port.IsMklEnabled())")
     assert _child(code, unset="TF_ENABLE_ONEDNN_OPTS") == "True"
@@ -138,12 +138,15 @@ def test_env_override_reads_unset_off_and_on(monkeypatch):
         assert runtime.env_override(name) is True, on
 
 
-CACHE_DIR_QUERY = ("import {first}; import jax\n"
+CACHE_DIR_QUERY = ("{first}; from bit_common import runtime; runtime.configure('jax'); "
+                   "import jax\n"
                    "print(repr(jax.config.jax_compilation_cache_dir), "
                    "jax.config.jax_compilation_cache_max_size)")
 # A jitted function compiled in a fresh process; prints the persistent cache's hits.
 COMPILE = """
-import bit_jax, jax, jax.numpy as jnp
+from bit_common import runtime
+runtime.configure("jax")
+import jax, jax.numpy as jnp
 hits = []
 jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
 jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
@@ -151,8 +154,8 @@ print(hits.count("/jax/compilation_cache/cache_hits"))
 """
 
 
-@pytest.mark.parametrize("first", ["bit_jax", "jax, bit_jax"])
-def test_bit_jax_defaults_the_compilation_cache_to_the_user_cache(tmp_path, first):
+@pytest.mark.parametrize("first", ["import bit_jax.models", "import jax"])
+def test_configure_defaults_the_compilation_cache_to_the_user_cache(tmp_path, first):
     pytest.importorskip("jax")
     code = CACHE_DIR_QUERY.format(first=first)
     got = _child(code, unset="JAX_COMPILATION_CACHE_DIR", XDG_CACHE_HOME=str(tmp_path))
@@ -161,13 +164,13 @@ def test_bit_jax_defaults_the_compilation_cache_to_the_user_cache(tmp_path, firs
 
 def test_the_users_compilation_cache_setting_wins(tmp_path):
     pytest.importorskip("jax")
-    code = CACHE_DIR_QUERY.format(first="bit_jax")
+    code = CACHE_DIR_QUERY.format(first="import bit_jax.models")
     mine = str(tmp_path / "mine")
     got = _child(code, JAX_COMPILATION_CACHE_DIR=mine, JAX_COMPILATION_CACHE_MAX_SIZE="12345")
     assert got == f"{mine!r} 12345"
     assert _child(code, JAX_COMPILATION_CACHE_DIR="").startswith("'' ")  # empty: the cache is off
     # jax imported first: its configuration is set, with the user's size limit kept.
-    code = CACHE_DIR_QUERY.format(first="jax, bit_jax")
+    code = CACHE_DIR_QUERY.format(first="import jax")
     got = _child(code, unset="JAX_COMPILATION_CACHE_DIR", XDG_CACHE_HOME=str(tmp_path),
                  JAX_COMPILATION_CACHE_MAX_SIZE="12345")
     assert got == f"{str(tmp_path / 'bit_jax' / 'xla')!r} 12345"
@@ -180,3 +183,59 @@ def test_a_second_process_loads_the_compiled_program_from_the_cache(tmp_path):
     written = list((tmp_path / "bit_jax" / "xla").glob("jit_*-cache"))
     assert written  # the jitted function (and jnp.ones, at this zero threshold)
     assert _child(COMPILE, unset="JAX_COMPILATION_CACHE_DIR", **env) == str(len(written))
+
+
+# The state of every setting `configure` can change, as one line of JSON.
+SETTINGS = """
+import json, os
+import jax, tensorflow as tf, torch
+from bit_common import runtime
+print(json.dumps({
+    "kept_heap": runtime._kept_heap_libc is not None,
+    "env": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "JAX_COMPILATION_CACHE_DIR",
+                                           "JAX_COMPILATION_CACHE_MAX_SIZE")},
+    "jax_cache": jax.config.jax_compilation_cache_dir,
+    "jax_async": jax.config.values["jax_cpu_enable_async_dispatch"],
+    "tf_tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
+    "torch_tf32": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32],
+    "cudnn_benchmark": torch.backends.cudnn.benchmark}))
+"""
+OUR_MODULES = ("bit_common.loop", "bit_pytorch.models", "bit_pytorch.backend", "bit_pytorch.train",
+               "bit_jax.models", "bit_jax.ops", "bit_jax.backend", "bit_jax.train",
+               "bit_tf2.models", "bit_tf2.ops", "bit_tf2.backend", "bit_tf2.train",
+               "bit_tfdata.pipeline")
+
+
+def _settings(before: str) -> dict:
+    import json
+    env = {"XDG_CACHE_HOME": "/nonexistent"}
+    return json.loads(_child(f"import torchvision\n{before}\n{SETTINGS}",
+                             unset="JAX_COMPILATION_CACHE_DIR", **env))
+
+
+def test_importing_our_packages_changes_nothing_process_wide():
+    """A notebook that imports every module of ours gets the frameworks' own defaults."""
+    for name in ("jax", "tensorflow", "torch"):
+        pytest.importorskip(name)
+    imports = "\n".join(f"import {m}" for m in OUR_MODULES)
+    untouched = _settings("import os")
+    untouched["env"].pop("TF_ENABLE_ONEDNN_OPTS")  # the test run's own environment may set it
+    after = _settings(imports)
+    after["env"].pop("TF_ENABLE_ONEDNN_OPTS")
+    assert after == untouched
+    assert not untouched["kept_heap"] and untouched["jax_cache"] is None
+    assert untouched["jax_async"] is True and untouched["tf_tf32"] is True
+
+
+def test_configure_applies_each_setting():
+    for name in ("jax", "tensorflow", "torch"):
+        pytest.importorskip(name)
+    got = _settings("from bit_common import runtime\n"
+                    "runtime.configure(['pytorch', 'jax', 'tf2'])")
+    if platform.libc_ver()[0] == "glibc" and not os.environ.get(runtime.OPT_OUT_ENV):
+        assert got["kept_heap"]
+    assert got["jax_cache"] == "/nonexistent/bit_jax/xla" == got["env"]["JAX_COMPILATION_CACHE_DIR"]
+    assert got["env"]["JAX_COMPILATION_CACHE_MAX_SIZE"] == str(2 << 30)
+    assert got["jax_async"] is False and got["tf_tf32"] is False
+    assert got["torch_tf32"] == [False, False] and got["cudnn_benchmark"] is True
+    assert got["env"]["TF_ENABLE_ONEDNN_OPTS"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")

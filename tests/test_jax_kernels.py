@@ -1,4 +1,4 @@
-"""The hand-written gradients of bit_jax.models agree with autodiff of the plain XLA ops."""
+"""The hand-written gradients of bit_jax.ops agree with autodiff of the plain XLA ops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bit_jax import models
+from bit_jax import models, ops
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -37,7 +37,7 @@ def test_conv_kxk_matches_xla_conv(k, stride, cin, cout):
     want = _value_and_grads(lambda x, w: lax.conv_general_dilated(
         x, w, (stride, stride), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=HIGHEST), x, w)
-    got = _value_and_grads(lambda x, w: models._conv_kxk(x, w, stride, pad, HIGHEST), x, w)
+    got = _value_and_grads(lambda x, w: ops.conv(x, w, stride, pad, HIGHEST), x, w)
     _close(got, want)
 
 
@@ -49,7 +49,7 @@ def test_winograd_conv_matches_xla_conv(shape):
     want = _value_and_grads(lambda x, w: lax.conv_general_dilated(
         x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=HIGHEST), x, w)
-    got = _value_and_grads(lambda x, w: models.conv3x3_winograd(x, w, HIGHEST), x, w)
+    got = _value_and_grads(lambda x, w: ops.conv3x3_winograd(x, w, HIGHEST), x, w)
     _close(got, want)
 
 
@@ -59,8 +59,8 @@ def test_std_conv_takes_winograd_for_float32_3x3_on_cpu(monkeypatch):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 8), dtype=np.float32))
 
     calls = []
-    winograd_conv = models.conv3x3_winograd
-    monkeypatch.setattr(models, "conv3x3_winograd",
+    winograd_conv = ops.conv3x3_winograd
+    monkeypatch.setattr(ops, "conv3x3_winograd",
                         lambda *a: calls.append(a) or winograd_conv(*a))
 
     def run(stride=1, k=3, dtype=jnp.float32):
@@ -69,11 +69,11 @@ def test_std_conv_takes_winograd_for_float32_3x3_on_cpu(monkeypatch):
         params = conv.init(jax.random.PRNGKey(0), x)
         return conv.apply(params, x), bool(calls)
 
-    monkeypatch.delenv(models.WINOGRAD_ENV, raising=False)
+    monkeypatch.delenv(ops.WINOGRAD_ENV, raising=False)
     y_wino, used = run()
     assert used and jax.default_backend() == "cpu"
     assert not run(stride=2)[1] and not run(k=1)[1] and not run(dtype=jnp.bfloat16)[1]
-    monkeypatch.setenv(models.WINOGRAD_ENV, "0")
+    monkeypatch.setenv(ops.WINOGRAD_ENV, "0")
     y_direct, used = run()
     assert not used
     np.testing.assert_allclose(y_wino, y_direct, rtol=1e-5, atol=1e-5)
@@ -86,7 +86,7 @@ def test_matmul_matches_dot_general():
         x = jnp.asarray(rng.standard_normal((2, 5, 3, cin), dtype=np.float32))
         wk = w if cin == 24 else w.T
         want = _value_and_grads(lambda x, w: jnp.dot(x, w, precision=HIGHEST), x, wk)
-        got = _value_and_grads(lambda x, w: models._matmul(x, w, HIGHEST), x, wk)
+        got = _value_and_grads(lambda x, w: ops.matmul(x, w, HIGHEST), x, wk)
         _close(got, want)
 
 
@@ -95,7 +95,7 @@ def test_max_pool_matches_flax_with_ties():
     x = jnp.asarray(rng.standard_normal((2, 11, 9, 4), dtype=np.float32))
     x = x.at[:, :, ::3].set(0.0).at[:, ::4].set(0.5)  # ties inside windows
     want = _value_and_grads(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID"), x)
-    got = _value_and_grads(lambda x: models.max_pool(x, 3, 2), x)
+    got = _value_and_grads(lambda x: ops.max_pool(x, 3, 2), x)
     _close(got, want)
 
 
@@ -110,7 +110,7 @@ def test_weight_standardization_matches_the_formula_and_its_autodiff():
         var = jnp.square(w - mean).mean(axis=(0, 1, 2), keepdims=True)
         return (w - mean) / jnp.sqrt(var + 1e-10)
 
-    _close(_value_and_grads(models.standardize_kernel, w), _value_and_grads(formula, w))
+    _close(_value_and_grads(ops.standardize_kernel, w), _value_and_grads(formula, w))
 
 
 @pytest.mark.parametrize("relu", [False, True])

@@ -26,11 +26,13 @@ def x64():
     return random_images(2, 64, 64, seed=1)
 
 
-def test_param_paths_are_the_framework_keys(model, r50_params):
+def test_param_paths_are_the_released_keys(model, r50_params):
     from flax import traverse_util
 
+    assert models.param_path("resnet/block1/unit03/b/group_norm/gamma") == \
+        "block1/unit03/b/group_norm/scale"
     flat = traverse_util.flatten_dict(model.params, sep="/")
-    want = {checkpoint.framework_key(k, "jax"): v.shape for k, v in r50_params.items()}
+    want = {models.param_path(k): v.shape for k, v in r50_params.items()}
     assert {k: tuple(v.shape) for k, v in flat.items()} == want
     assert "block1/unit01/a/proj/standardized_conv2d/kernel" in flat
     assert "head/conv2d/kernel" in flat and "group_norm/scale" in flat
@@ -47,6 +49,16 @@ def test_predict_matches_timm(model, r50_npz, x64):
     got = models.predict(model, x64)
     assert got.dtype == np.float32 and got.shape == (2, 10)
     assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+
+def test_predict_compiles_once_per_padded_batch_size(model):
+    """Seven batch sizes of one image size compile the forward pass for 1, 2, 4 and 8 rows only."""
+    fn = model.jitted("logits")
+    before = fn._cache_size()
+    x = random_images(7, 32, 32, seed=5)
+    for n in range(1, 8):
+        models.predict(model, x[:n])
+    assert fn._cache_size() - before <= 4
 
 
 def test_embed_shape_and_head(model, x64):

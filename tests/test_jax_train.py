@@ -1,4 +1,5 @@
-"""bit_jax.train: the jitted step (mixup, batch_split, SGD momentum, 2 devices) and the CLI.
+"""bit_jax.train and bit_jax.backend: the jitted step (mixup, batch_split, SGD momentum, 2
+devices) and the CLI.
 
 Compiling R50x1's train step takes ~20 s on two CPU cores, so the tests share the test run's
 persistent XLA compilation cache (conftest.py's JAX_COMPILATION_CACHE_DIR, a temporary folder):
@@ -20,27 +21,22 @@ import pytest
 from bit_common import checkpoint, loop, runtime
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
-from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, random_images, update_difference
+from conftest import (MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, random_images, run_setup,
+                      update_difference)
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
-from bit_jax import models, train  # noqa: E402
+from bit_jax import backend as train  # noqa: E402
+from bit_jax import models  # noqa: E402
+from bit_jax.train import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 B, CROP = 8, 32
 
-# Every program the CLI subprocesses compile goes into the cache, however quickly it compiled.
-CACHE_ENV = {
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
-
-
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, **CACHE_ENV, **extra}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
@@ -144,7 +140,7 @@ def cli(capsys, base_args, tmp_path):
         argv = [*(base_args if args is None else args), "--name", name, "--steps", "1", *extra]
         if args is None:
             argv[argv.index("--logdir") + 1] = str(tmp_path / "runs")
-        code = train.main(argv)
+        code = main(argv)
         return code, capsys.readouterr().err, Path(argv[argv.index("--logdir") + 1]) / name
 
     return run
@@ -189,6 +185,13 @@ def test_resume_with_other_settings_is_refused(straight, cli, base_args):
 
 
 # ---- the jitted step ----------------------------------------------------------------------
+def _setup(*flags: str, params: dict | None = None) -> loop.RunSetup:
+    """Batch B at CROP px of digits, from a random R50x1 with a 10-way head (or `params`)."""
+    given = params if params is not None else checkpoint.random_params(parse_arch("R50x1"), 10)
+    return run_setup("jax", "--batch", str(B), "--resolution", "40", str(CROP), "--workers", "1",
+                     *flags, params=given)
+
+
 @pytest.fixture(scope="module")
 def step_inputs(r50_params):
     """R50x1 with the file's random 10-way head (so every layer gets a gradient), a batch."""
@@ -253,10 +256,9 @@ def test_bf16_backend_computes_in_bfloat16(monkeypatch):
     """With mixed precision allowed (a patch on this CPU; on a GPU by itself), --precision bf16
     builds the bfloat16 model; building compiles nothing."""
     import jax.numpy as jnp
-    from benchmarks.bench import make_setup
 
     monkeypatch.setattr(train, "mixed_precision_available", lambda: True)
-    backend = train.JaxBackend(make_setup("jax", B, CROP, 2, workers=1, precision="bf16"))
+    backend = train.JaxBackend(_setup("--batch_split", "2", "--precision", "bf16"))
     assert backend.module.dtype == jnp.bfloat16
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(backend.state))
 
@@ -268,16 +270,16 @@ def test_bf16_step_matches_float32(tame_npz, monkeypatch):
     digits batch is within bfloat16's rounding of float32's one step, compared on `tame_npz`
     (conftest.py)."""
     import jax.numpy as jnp
-    from benchmarks.bench import make_setup
 
     monkeypatch.setattr(train, "mixed_precision_available", lambda: True)
     params = checkpoint.read_npz(tame_npz)
     start = loop.join_state(params, {k: np.zeros_like(v) for k, v in params.items()})
     out = {}
     for name, split in (("fp32", 1), ("bf16", 2)):
-        backend = train.JaxBackend(make_setup("jax", B, CROP, split, workers=1, precision=name))
+        backend = train.JaxBackend(_setup("--batch_split", str(split), "--precision", name,
+                                          params=params))
         backend.set_state(start)
-        loss = backend.train_step(next(backend.train_batches(0)), 0.1)
+        loss = backend.train_step(next(backend.train_batches(0))[1], 0.1)
         out[name] = backend.get_state(), loss, backend.module.dtype
     (full, loss32, dtype32), (new, loss16, dtype16) = out["fp32"], out["bf16"]
     assert dtype32 == jnp.float32 and dtype16 == jnp.bfloat16
@@ -289,13 +291,11 @@ def test_bf16_step_matches_float32(tame_npz, monkeypatch):
         assert diff < MIXED_UPDATE_TOLERANCE["bf16"], prefix
 
 
-def test_train_step_runs_inline_and_trims_the_kept_heap(monkeypatch):
+def test_train_step_trims_the_kept_heap(monkeypatch):
     """Each training step hands its memory check to a HeapTrimmer (bit_common.runtime), and the
-    backend asks for inline CPU dispatch, so that a step's scratch buffer is freed before the
-    next one is allocated (what keeps the retained heap at one buffer; see the README)."""
-    import jax
-    from benchmarks.bench import make_setup
-
+    CPU computations run inline (runtime.configure, applied by conftest as by the CLI), so that a
+    step's scratch buffer is freed before the next one is allocated (what keeps the retained heap
+    at one buffer; see benchmarks/README.md)."""
     calls = []
 
     class Recorder:
@@ -304,7 +304,7 @@ def test_train_step_runs_inline_and_trims_the_kept_heap(monkeypatch):
             return False
 
     monkeypatch.setattr(runtime, "HeapTrimmer", Recorder)
-    backend = train.JaxBackend(make_setup("jax", 4, 32))
+    backend = train.JaxBackend(_setup())
     assert jax.config.values["jax_cpu_enable_async_dispatch"] is False
     backend._step = lambda state, batch, lr: (state, np.float32(2.5))  # no model compiled
     assert backend.train_step({}, 0.1) == 2.5 and backend.train_step({}, 0.1) == 2.5
@@ -330,7 +330,8 @@ TWO_DEVICES = textwrap.dedent("""
     import jax, numpy as np
     from bit_common import checkpoint
     from bit_common.registry import parse_arch
-    from bit_jax import models, train
+    from bit_jax import models
+    from bit_jax import backend as train
     from conftest import random_images, update_difference
     assert len(jax.devices()) == 2, jax.devices()
     params = checkpoint.read_npz(sys.argv[1])

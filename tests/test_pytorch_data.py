@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 
 from bit_common.datasets import get_dataset, load_digits
 from bit_common.errors import DataError
+from bit_common.loop import RunConfig
 from bit_common.plan import InputPlan
 from bit_pytorch import data
 
@@ -132,14 +131,16 @@ def image_folder(tmp_path):
     return tmp_path
 
 
+def config(datadir) -> RunConfig:
+    return RunConfig(batch=4, batch_split=1, batch_eval=4, workers=0, precision="fp32",
+                     datadir=None if datadir is None else str(datadir))
+
+
 def test_image_folder(image_folder):
-    args = argparse.Namespace(datadir=str(image_folder))
-    info = get_dataset("imagefolder")
-    train = data.load_train_split(args, info)
+    train, val = data.load_splits(config(image_folder), get_dataset("imagefolder"))
     assert train.class_names == ["cat", "dog"] and train.images is None
     np.testing.assert_array_equal(train.labels, [0, 0, 0, 1, 1, 1])
-    val = data.load_eval_split(args, info, train)
-    assert len(val) == 4
+    assert len(val) == 4 and val.class_names == train.class_names
     np.testing.assert_array_equal(data.decode(train.paths[4]), _image(11, 12, seed=11))
     images, labels = next(data.eval_batches(val, 8, 4, range(4), workers=0))
     assert images.shape == (4, 3, 8, 8)
@@ -149,10 +150,7 @@ def test_image_folder(image_folder):
 def test_unreadable_image_is_a_data_error_naming_it(image_folder):
     bad = image_folder / "val" / "dog" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # a PNG header, then nothing
-    args = argparse.Namespace(datadir=str(image_folder))
-    info = get_dataset("imagefolder")
-    train = data.load_train_split(args, info)
-    val = data.load_eval_split(args, info, train)
+    _, val = data.load_splits(config(image_folder), get_dataset("imagefolder"))
     for workers in (0, 1):
         with pytest.raises(DataError, match="1.png"):
             list(data.eval_batches(val, 8, 4, range(4), workers=workers))
@@ -160,4 +158,4 @@ def test_unreadable_image_is_a_data_error_naming_it(image_folder):
 
 def test_folder_datasets_need_datadir():
     with pytest.raises(Exception, match="--datadir"):
-        data.load_train_split(argparse.Namespace(datadir=None), get_dataset("imagenet2012"))
+        data.load_splits(config(None), get_dataset("imagenet2012"))

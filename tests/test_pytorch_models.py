@@ -27,8 +27,14 @@ def model(r50_npz):
     return models.load_npz(r50_npz)
 
 
-def test_state_dict_names_come_from_bit_common(model, r50_params):
-    want = {checkpoint.framework_key(k, "pytorch"): v.shape for k, v in r50_params.items()}
+def test_state_dict_names_are_the_released_keys(model, r50_params):
+    assert models.param_name("resnet/block2/unit01/a/proj/standardized_conv2d/kernel") == \
+        "body.block2.unit01.downsample.weight"
+    assert models.param_name("resnet/block1/unit03/b/group_norm/gamma") == \
+        "body.block1.unit03.gn2.weight"
+    assert models.to_state_dict({checkpoint.HEAD_KERNEL: np.zeros((1, 1, 2048, 5))})[
+        "head.conv.weight"].shape == (5, 2048, 1, 1)
+    want = {models.param_name(k): v.shape for k, v in r50_params.items()}
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert set(got) == set(want)
     for k, shape in want.items():  # OIHW here, HWIO in the file

@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from bit_common import checkpoint, cli, precision, runlog
-from bit_common.datasets import get_dataset, load_digits
-from bit_common.loop import RunSetup
-from bit_common.plan import InputPlan
+from bit_common import checkpoint, precision, runlog
+from bit_pytorch import backend as torch_backend
 from bit_pytorch import data, models
-from bit_pytorch import train as torch_train
-from bit_pytorch.train import FRAMEWORK, TorchBackend, main
-from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, update_difference
+from bit_pytorch.backend import PyTorchBackend
+from bit_pytorch.train import main
+from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, run_setup, update_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 # One OpenMP thread: fast and deterministic on a shared 2-core machine.
@@ -89,24 +87,19 @@ def test_cli_run_writes_everything_and_resumes_identically(r50_npz, ckpt_dir, tm
 
 
 # ---- the optimizer step, called directly ------------------------------------------------------
-def make_backend(r50_npz, batch=8, batch_split=1, extra=(), keep_head=False) -> TorchBackend:
+def make_backend(r50_npz, batch=8, batch_split=1, extra=(), keep_head=False) -> PyTorchBackend:
     """A backend as the CLI builds it: with a zero 10-way head (fine-tuning's), or with
     `keep_head` the file's random one, so that every layer gets a gradient."""
-    args = cli.build_parser("pytorch").parse_args(
-        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", "digits",
-         "--batch", str(batch), "--batch_split", str(batch_split), "--workers", "0", *extra])
-    train = load_digits("train")
-    indices = np.arange(len(train))
-    arch, params = checkpoint.load_params(r50_npz, num_classes=10)
-    if keep_head:
-        params = checkpoint.read_npz(r50_npz)
-    plan = InputPlan(len(indices), batch, 40, 32, seed=0)
-    return TorchBackend(RunSetup(args, get_dataset("digits"), train, indices, 10, arch, params,
-                                 plan, 40, 32))
+    setup = run_setup("pytorch", "--bit_pretrained_dir", str(r50_npz.parent), "--batch",
+                      str(batch), "--batch_split", str(batch_split), "--resolution", "40", "32",
+                      "--workers", "0", *extra,
+                      params=checkpoint.read_npz(r50_npz) if keep_head else None)
+    return PyTorchBackend(setup)
 
 
-def first_batch(backend: TorchBackend, lam: float = 1.0, perm=None) -> data.TrainBatch:
-    batch = next(backend.train_batches(0))
+def first_batch(backend: PyTorchBackend, lam: float = 1.0, perm=None) -> data.TrainBatch:
+    step, batch = next(backend.train_batches(0))
+    assert step == batch.step == 0
     if perm is not None:
         batch.mixup_lambda, batch.mixup_perm = lam, torch.as_tensor(perm)
     return batch
@@ -190,7 +183,7 @@ def test_mixup_step_matches_manual_computation(r50_npz):
 
 @pytest.fixture
 def mixed_on_cpu(monkeypatch):
-    monkeypatch.setattr(torch_train, "mixed_precision_available", lambda device: True)
+    monkeypatch.setattr(torch_backend, "mixed_precision_available", lambda device: True)
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +269,6 @@ def test_bad_input_is_a_clear_error(case, r50_npz, ckpt_dir, tmp_path, capsys):
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "bad").exists()  # nothing written before the error
-
-
-def test_framework_entry_points():
-    assert FRAMEWORK.name == "pytorch"
-    assert callable(FRAMEWORK.load_train_split) and callable(FRAMEWORK.make_backend)
 
 
 def test_bad_input_through_the_real_cli(r50_npz, ckpt_dir, tmp_path):

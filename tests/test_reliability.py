@@ -35,16 +35,36 @@ def flags(logdir: Path, weights: Path, name: str, steps: int, *extra: str) -> li
             "--batch_eval", "120", "--base_lr", "0.1", "--steps", str(steps), *extra]
 
 
-def cli(framework: str, argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+# `python -m bit_<argv[1]>.train argv[2:]`, SIGKILLed in the middle of its second checkpoint
+# write (after the data, before the fsync and the rename), as a power cut or `kill -9` would.
+KILLED_IN_SECOND_WRITE = """
+import importlib, os, signal, sys
+from bit_common import checkpoint
+writes = []
+def die_in_second_write(f):
+    writes.append(f)
+    if len(writes) == 2:
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    durable(f)
+durable, checkpoint._make_durable = checkpoint._make_durable, die_in_second_write
+sys.exit(importlib.import_module(f"bit_{sys.argv[1]}.train").main(sys.argv[2:]))
+"""
+
+
+def cli(framework: str, argv: list[str], killed_in_second_write: bool = False,
+        **kw) -> subprocess.Popen:
     environ = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", f"bit_{framework}.train", *argv], cwd=ROOT,
-                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+               "PYTHONPATH": str(ROOT)}
+    program = (["-c", KILLED_IN_SECOND_WRITE, framework] if killed_in_second_write
+               else ["-m", f"bit_{framework}.train"])
+    return subprocess.Popen([sys.executable, *program, *argv], cwd=ROOT, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def run(framework: str, argv: list[str], env: dict | None = None) -> tuple[int, str]:
-    proc = cli(framework, argv, env)
+def run(framework: str, argv: list[str], killed_in_second_write: bool = False
+        ) -> tuple[int, str]:
+    proc = cli(framework, argv, killed_in_second_write)
     _, err = proc.communicate(timeout=600)
     return proc.returncode, err
 
@@ -110,7 +130,7 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(framework, tmp_
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(framework, tmp_path, r50_npz,
                                                                  reference):
     argv = flags(tmp_path, r50_npz.parent, "kill", 6, "--save_every", "3")
-    code, _ = run(framework, argv, env={checkpoint.KILL_ON_SAVE_ENV: "2"})
+    code, _ = run(framework, argv, killed_in_second_write=True)
     assert code == -signal.SIGKILL
     run_dir = tmp_path / "kill"
     assert int(state(run_dir)["meta/step"]) == 3  # the step-6 write died; step 3 is intact
@@ -201,21 +221,66 @@ def test_unwritable_logdir_and_corrupt_checkpoint(framework_name, tmp_path, r50_
     assert sorted(p.name for p in run_dir.iterdir()) == [loop.CHECKPOINT]
 
 
-@pytest.mark.parametrize("framework_name", FRAMEWORKS)
-def test_unreadable_image_is_named(framework_name, tmp_path, r50_npz, capsys):
+def image_folder(root: Path, classes=("a", "b"), per_class: int = 2) -> Path:
+    """root/train/<class>/ and root/val/<class>/ with `per_class` 20x20 PNGs each."""
     from PIL import Image
     for split in ("train", "val"):
-        for cls in ("a", "b"):
-            d = tmp_path / "data" / split / cls
+        for cls in classes:
+            d = root / split / cls
             d.mkdir(parents=True)
-            for i in range(2):
+            for i in range(per_class):
                 Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
-    bad = tmp_path / "data" / "train" / "a" / "broken.jpg"
+    return root
+
+
+def folder_flags(logdir: Path, weights: Path, datadir: Path, *extra: str) -> list[str]:
+    return ["--name", "img", "--model", "BiT-M-R50x1", "--logdir", str(logdir),
+            "--bit_pretrained_dir", str(weights), "--dataset", "imagefolder",
+            "--datadir", str(datadir), "--batch", "4", "--resolution", "36", "32",
+            "--workers", "1", *extra]
+
+
+@pytest.mark.parametrize("framework_name", FRAMEWORKS)
+def test_a_broken_evaluation_split_fails_before_the_first_step(framework_name, tmp_path, r50_npz,
+                                                                capsys):
+    """An empty class folder in val/: the run stops at once, not at its first evaluation after
+    training (both splits are loaded before the first step), and writes nothing."""
+    data = image_folder(tmp_path / "data")
+    empty = data / "val" / "b"
+    for f in empty.iterdir():
+        f.unlink()
+    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--steps", "30",
+                        "--eval_every", "1000")
+    assert loop.main(framework(framework_name), argv) == 2
+    out, err = capsys.readouterr()
+    assert f"Class folder {empty} holds no readable images" in err and "Traceback" not in err
+    assert "[step" not in out
+    assert not (tmp_path / "logs" / "img").exists()
+
+
+@pytest.mark.parametrize("framework_name", FRAMEWORKS)
+def test_unreadable_image_is_named(framework_name, tmp_path, r50_npz, capsys):
+    data = image_folder(tmp_path / "data")
+    bad = data / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # a JPEG header, then nothing
-    argv = ["--name", "img", "--model", "BiT-M-R50x1", "--logdir", str(tmp_path / "logs"),
-            "--bit_pretrained_dir", str(r50_npz.parent), "--dataset", "imagefolder",
-            "--datadir", str(tmp_path / "data"), "--batch", "10", "--resolution", "36", "32",
-            "--workers", "1", "--steps", "1", "--no-save"]
+    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--batch", "10", "--steps", "1",
+                        "--no-save")
     assert loop.main(framework(framework_name), argv) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("framework_name", FRAMEWORKS)
+def test_flag_errors_come_before_the_framework_is_imported(framework_name, tmp_path):
+    """A flag error is answered before PyTorch, JAX or TensorFlow is imported (no start-up
+    time, none of their logging), in one line, exit 2."""
+    code = ("import sys, importlib\n"
+            f"main = importlib.import_module('bit_{framework_name}.train').main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print([m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules])\n"
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *flags(tmp_path, tmp_path, "x", 2),
+                           "--batch", "0"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 2 and proc.stdout.strip() == "[]"
+    assert proc.stderr == "error: --batch (0) and --batch_split (1) must be positive.\n"

@@ -18,6 +18,7 @@ from conftest import random_images
 
 tf = pytest.importorskip("tensorflow")
 models = pytest.importorskip("bit_tf2.models")
+ops = pytest.importorskip("bit_tf2.ops")
 
 
 def _run_python(code: str, cwd: Path, timeout: int = 300) -> str:
@@ -74,6 +75,27 @@ def test_embed_and_odd_sizes(model):
                                rtol=0, atol=1e-4)
 
 
+def test_predict_traces_once_per_image_size(model):
+    """Batches of 1 to 7 images of one size, twice over, reuse one trace (the batch left open),
+    with no retracing warning and the same logits."""
+    import logging
+
+    x = random_images(7, 32, 48, seed=5)
+    whole = models.predict(model, x)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        for n in [*range(1, 8), *range(1, 8)]:
+            np.testing.assert_allclose(models.predict(model, x[:n]), whole[:n], rtol=0,
+                                       atol=1e-4)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert models._compiled(model, False, 32, 48).experimental_get_tracing_count() == 1
+    assert not [r for r in records if "retracing" in r.getMessage()]
+
+
 def test_group_norm_relu_is_bits(model):
     """relu(group norm) with 32 groups, eps 1e-5, biased variance; its hand-written gradient
     equals autodiff of the float64 formula."""
@@ -82,7 +104,7 @@ def test_group_norm_relu_is_bits(model):
     gamma, beta = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(
         np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    layer = models.group_norm_relu()
+    layer = models.GroupNormReLU()
     layer.build(x.shape)
     layer.gamma.assign(gamma)
     layer.beta.assign(beta)
@@ -121,7 +143,7 @@ def test_kernel_standardization_and_gradient():
     wt = tf.constant(w)
     with tf.GradientTape() as tape:
         tape.watch(wt)
-        got = models.standardize_kernel(wt)
+        got = ops.standardize_kernel(wt)
     got_grad = tape.gradient(got, wt, output_gradients=dy)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(got_grad.numpy(), want_grad.numpy(), rtol=1e-4,
@@ -157,38 +179,45 @@ def test_winograd_conv_matches_direct_conv(shape):
 
     want = value_and_grads(lambda x, w: tf.nn.conv2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]),
                                                      w, 1, "VALID"))
-    for g, t in zip(value_and_grads(models.conv3x3_winograd), want):
-        assert float(tf.reduce_max(tf.abs(g - t))) <= 1e-5 * float(tf.reduce_max(tf.abs(t)))
+    # Traced with the batch left open too: the transforms then reshape with -1 for it.
+    open_batch = tf.function(ops.conv3x3_winograd, input_signature=[
+        tf.TensorSpec([None, *shape[1:]]), tf.TensorSpec(w.shape)])
+    for fn in (ops.conv3x3_winograd, open_batch):
+        for g, t in zip(value_and_grads(fn), want):
+            assert float(tf.reduce_max(tf.abs(g - t))) <= 1e-5 * float(tf.reduce_max(tf.abs(t)))
 
 
 def test_standardized_conv_takes_winograd_for_float32_3x3(monkeypatch):
-    """Stride-1 3x3 layers of known shape use Winograd on CPU; BIT_TF2_WINOGRAD=0, a stride, a
-    1x1 kernel or an unknown dimension keep the direct op, and the two paths agree."""
+    """Stride-1 3x3 layers of known image size use Winograd on CPU, with the batch known or not;
+    BIT_TF2_WINOGRAD=0, a stride, a 1x1 kernel or an unknown image size keep the direct op, and
+    the paths agree."""
     x = np.random.default_rng(0).standard_normal((2, 9, 9, 8)).astype(np.float32)
     calls = []
-    winograd_conv = models.conv3x3_winograd
-    monkeypatch.setattr(models, "conv3x3_winograd",
+    winograd_conv = ops.conv3x3_winograd
+    monkeypatch.setattr(ops, "conv3x3_winograd",
                         lambda *a: calls.append(a) or winograd_conv(*a))
 
-    def run(k=3, stride=1, unknown_batch=False):
-        """The layer's output (None when traced for an unknown batch) and whether it took
-        the Winograd path."""
+    def run(k=3, stride=1, open_dims=()):
+        """The layer's output (through a trace with `open_dims` of the input unknown) and
+        whether it took the Winograd path."""
         calls.clear()
         layer = models.StandardizedConv2D(16, k, stride, padding=k // 2)
         layer.build(x.shape)
         layer.kernel.assign(np.linspace(-1, 1, layer.kernel.shape.num_elements(),
                                         dtype=np.float32).reshape(layer.kernel.shape))
-        if unknown_batch:
-            spec = tf.TensorSpec([None, *x.shape[1:]])
-            tf.function(layer, input_signature=[spec]).get_concrete_function()
-            return None, bool(calls)
+        if open_dims:
+            spec = tf.TensorSpec([None if i in open_dims else d for i, d in enumerate(x.shape)])
+            return tf.function(layer, input_signature=[spec])(x).numpy(), bool(calls)
         return layer(x).numpy(), bool(calls)
 
-    monkeypatch.delenv(models.WINOGRAD_ENV, raising=False)
+    monkeypatch.delenv(ops.WINOGRAD_ENV, raising=False)
     y_wino, used = run()
     assert used
-    assert not run(stride=2)[1] and not run(k=1)[1] and not run(unknown_batch=True)[1]
-    monkeypatch.setenv(models.WINOGRAD_ENV, "0")
+    assert not run(stride=2)[1] and not run(k=1)[1] and not run(open_dims=(1, 2))[1]
+    y_open_batch, used = run(open_dims=(0,))
+    assert used
+    np.testing.assert_allclose(y_open_batch, y_wino, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv(ops.WINOGRAD_ENV, "0")
     y_direct, used = run()
     assert not used
     np.testing.assert_allclose(y_wino, y_direct, rtol=1e-5, atol=1e-5)
@@ -199,7 +228,8 @@ def test_zero_head(r50_npz):
     assert m.num_classes == 5
     np.testing.assert_array_equal(models.predict(m, random_images(2, 32, 32)),
                                   np.zeros((2, 5), np.float32))
-    assert len(m.trainable_variables) == len(m.named_variables)
+    assert len(m.trainable_variables) == len(m.variables_by_key)
+    assert m.variables_by_key["resnet/block1/unit03/b/group_norm/gamma"] is m.units[2].gn_b.gamma
 
 
 def test_save_load_round_trip(model, r50_npz, r50_params, inputs, tmp_path):
@@ -257,7 +287,7 @@ def test_export_reloads_without_bit_tf2(model, inputs, tmp_path, monkeypatch):
     assert stdout.strip() == "[]"
     # The export's signatures take any image size, so its 3x3 layers are the direct op (Winograd
     # needs known shapes): compare with the same computation here, freshly traced.
-    monkeypatch.setenv(models.WINOGRAD_ENV, "0")
+    monkeypatch.setenv(ops.WINOGRAD_ENV, "0")
     direct = tf.function(lambda x, features: model(x, features=features))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), direct(inputs, False), rtol=0,
                                atol=1e-5)
@@ -282,7 +312,7 @@ def test_mixed_bfloat16_builds_and_trains(r50_npz):
         feats = m(x, features=True)
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(tf.square(m(x)))
-        grads = tape.gradient(loss, list(m.named_variables.values()))
+        grads = tape.gradient(loss, list(m.variables_by_key.values()))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert feats.dtype == tf.float32
@@ -307,7 +337,7 @@ def test_group_norm_relu_in_bfloat16():
         xt = tf.cast(x, dtype)
         with tf.GradientTape() as tape:
             tape.watch([xt, gamma, beta])
-            y = models._group_norm_relu(xt, gamma, beta)
+            y = ops.group_norm_relu(xt, gamma, beta)
         grads = tape.gradient(y, [xt, gamma, beta], output_gradients=tf.cast(dy, dtype))
         assert y.dtype == dtype and grads[0].dtype == dtype
         assert grads[1].dtype == grads[2].dtype == tf.float32

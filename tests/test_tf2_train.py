@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, cli, loop, precision
-from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, update_difference
-from bit_common.datasets import get_dataset
+from bit_common import checkpoint, loop, precision
 from bit_common.runlog import read_metrics
+from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, run_setup, update_difference
 
 tf = pytest.importorskip("tensorflow")
-train = pytest.importorskip("bit_tf2.train")
+train = pytest.importorskip("bit_tf2.backend")
 models = pytest.importorskip("bit_tf2.models")
+main = pytest.importorskip("bit_tf2.train").main
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--dataset", "digits", "--batch", "8", "--resolution", "40", "32", "--eval_every", "2",
@@ -77,8 +77,8 @@ def test_cli_end_to_end(straight):
     assert int(state["meta/step"]) == 4
     want = checkpoint.expected_shapes(checkpoint.infer_arch(state)[0], 10)
     assert {k: v.shape for k, v in state.items() if k.startswith("resnet/")} == want
-    assert {k[len(loop.MOMENTUM):]: v.shape for k, v in state.items()
-            if k.startswith(loop.MOMENTUM)} == want
+    assert {k[len(loop.MOMENTUM_PREFIX):]: v.shape for k, v in state.items()
+            if k.startswith(loop.MOMENTUM_PREFIX)} == want
     # model.npz is the released layout, loadable by the contract.
     m = models.load_npz(run / "model.npz")
     assert m.num_classes == 10
@@ -89,13 +89,13 @@ def test_resume_matches_straight_run(straight, tmp_path, r50_npz):
     """N/2 steps, then the same command with --steps N, equals N straight steps (<= 1e-6)."""
     run, _ = straight
     argv = _argv("halves", tmp_path, r50_npz.parent)
-    assert train.main(argv + ["--steps", "2"]) == 0
+    assert main(argv + ["--steps", "2"]) == 0
     assert int(_load(tmp_path / "halves" / "checkpoint.npz")["meta/step"]) == 2
-    assert train.main(argv + ["--steps", "4"]) == 0
+    assert main(argv + ["--steps", "4"]) == 0
     a, b = _load(run / "checkpoint.npz"), _load(tmp_path / "halves" / "checkpoint.npz")
     assert int(b["meta/step"]) == 4
     assert _max_diff(a, b, "resnet/") <= 1e-6
-    assert _max_diff(a, b, loop.MOMENTUM) <= 1e-6
+    assert _max_diff(a, b, loop.MOMENTUM_PREFIX) <= 1e-6
     assert _max_diff(_load(run / "model.npz"), _load(tmp_path / "halves" / "model.npz")) <= 1e-6
     ra = [r for r in read_metrics(run / "metrics.jsonl")]
     rb = [r for r in read_metrics(tmp_path / "halves" / "metrics.jsonl")]
@@ -103,23 +103,20 @@ def test_resume_matches_straight_run(straight, tmp_path, r50_npz):
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
     # A finished run does nothing when started again.
-    assert train.main(argv + ["--steps", "4"]) == 0
+    assert main(argv + ["--steps", "4"]) == 0
 
 
 # ---- one optimizer step, in process ---------------------------------------------------------
 def _setup(weights_dir: Path, *extra: str) -> loop.RunSetup:
-    args = cli.build_parser("tf2").parse_args(
-        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", *QUICK, *extra])
-    trainer = loop.Trainer(args, train.FRAMEWORK)
-    setup = trainer._setup(get_dataset("digits"), weights_dir / "BiT-M-R50x1.npz")
-    # Keep the file's non-zero head, so that every parameter gets a gradient.
-    setup.params = checkpoint.read_npz(weights_dir / "BiT-M-R50x1.npz")
-    return setup
+    """The CLI's set-up, keeping the file's non-zero head, so that every parameter gets a
+    gradient."""
+    return run_setup("tf2", *QUICK, *extra,
+                     params=checkpoint.read_npz(weights_dir / "BiT-M-R50x1.npz"))
 
 
 def _mixup_batch(setup: loop.RunSetup) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    b, crop = setup.args.batch, setup.crop
+    b, crop = setup.config.batch, setup.crop
     half = b // 2  # partners inside each half, so the batch is valid for 1 and 2 replicas
     perm = np.concatenate([rng.permutation(half), half + rng.permutation(half)])
     return {"image": rng.uniform(-1, 1, (b, crop, crop, 3)).astype(np.float32),
@@ -155,7 +152,7 @@ def test_batch_split_equivalence(backend, r50_npz):
     s4 = split.get_state()
     assert loss1 == pytest.approx(loss4, abs=1e-5)
     assert _max_diff(s1, backend.initial, "resnet/") > 1e-3  # the step did move the weights
-    for prefix in ("resnet/", loop.MOMENTUM):
+    for prefix in ("resnet/", loop.MOMENTUM_PREFIX):
         diff = update_difference(s1, s4, backend.initial, prefix)
         print(f"split 4 vs 1, {prefix}: relative L2 of the update {diff:.1e}")
         assert diff < UPDATE_TOLERANCE, prefix
@@ -188,7 +185,7 @@ def test_sgd_is_torch_sgd(backend):
     loss = backend.train_step(batch, 0.1)
     assert loss == pytest.approx(want_loss, abs=1e-5)
     s1 = backend.get_state()
-    bias, mom = checkpoint.HEAD_BIAS, loop.MOMENTUM + checkpoint.HEAD_BIAS
+    bias, mom = checkpoint.HEAD_BIAS, loop.MOMENTUM_PREFIX + checkpoint.HEAD_BIAS
     np.testing.assert_allclose(s1[mom], g1, atol=1e-5)
     np.testing.assert_allclose(s1[bias], p0[bias] - 0.1 * g1, atol=1e-5)
     # Another lr: the buffer holds gradients, not lr-scaled steps (Keras' SGD would differ).
@@ -209,7 +206,7 @@ def tame_fp32(backend, tame_npz):
     params = checkpoint.read_npz(tame_npz)
     start = loop.join_state(params, {k: np.zeros_like(v) for k, v in params.items()})
     backend.set_state(start)
-    batch = next(backend.train_batches(0))
+    _, batch = next(backend.train_batches(0))
     loss = backend.train_step(batch, 0.1)
     return start, batch, loss, backend.get_state()
 
@@ -234,7 +231,7 @@ def _check_mixed_step(be: train.TF2Backend, name: str, tame_fp32) -> None:
     loss = be.train_step(batch, 0.1)
     state = be.get_state()
     assert loss == pytest.approx(loss32, rel=0.02)
-    for prefix in ("resnet/", loop.MOMENTUM):
+    for prefix in ("resnet/", loop.MOMENTUM_PREFIX):
         diff = update_difference(s32, state, start, prefix)
         print(f"{name} vs fp32, {prefix}: relative L2 of the update {diff:.1e}")
         assert diff < MIXED_UPDATE_TOLERANCE[name], prefix
@@ -275,7 +272,6 @@ def test_fp16_overflow_skips_the_step_and_the_scale_resumes(fp16_backend, tame_f
 @pytest.mark.slow
 def test_two_replicas_equal_one(r50_npz, tmp_path):
     """The CPU split into 2 logical devices: a MirroredStrategy step equals the 1-device step."""
-    # conftest first: it imports torchvision, which crashes when imported after tensorflow.
     code = f"""
         from conftest import update_difference
         import numpy as np, tensorflow as tf
@@ -284,7 +280,7 @@ def test_two_replicas_equal_one(r50_npz, tmp_path):
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import sys; sys.path.insert(0, {str(REPO / "tests")!r})
         from test_tf2_train import _setup, _mixup_batch
-        from bit_tf2 import train
+        from bit_tf2 import backend as train
         from pathlib import Path
         assert len(tf.config.list_logical_devices("CPU")) == 2
         setup = _setup(Path({str(r50_npz.parent)!r}), "--batch_split", "2")
@@ -319,7 +315,7 @@ def test_bad_input_through_the_cli(tmp_path, r50_npz):
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:
-    assert train.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
     for needle in needles:

@@ -1,8 +1,8 @@
-"""The shared tf.data pipeline (bit_tf2/data.py, also used by bit_jax): offline and fast."""
+"""The tf.data pipeline bit_jax and bit_tf2 share (bit_tfdata.pipeline): offline and fast."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -10,44 +10,29 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from bit_common import cli, hyperrule  # noqa: E402
-from bit_common.datasets import Split, get_dataset  # noqa: E402
+from bit_common import checkpoint, cli, loop  # noqa: E402
+from bit_common.datasets import get_dataset  # noqa: E402
 from bit_common.errors import DataError  # noqa: E402
-from bit_common.fewshot import sample_few_shot  # noqa: E402
-from bit_common.loop import RunSetup  # noqa: E402
-from bit_common.plan import InputPlan  # noqa: E402
 from bit_common.registry import parse_arch  # noqa: E402
-from bit_tf2 import data  # noqa: E402
+from bit_tf2.train import FRAMEWORK  # noqa: E402
+from bit_tfdata import pipeline as data  # noqa: E402
+
+PARAMS = checkpoint.random_params(parse_arch("R50x1"), 2, seed=0)  # a setup needs weights
 
 
-def make_args(dataset: str, batch: int = 16, **flags) -> argparse.Namespace:
+def make_setup(dataset: str, *flags: str, batch: int = 16, classes: int = 10) -> loop.RunSetup:
+    """The run's set-up as bit_tf2's CLI makes it; the pipeline needs no weights, so `classes`
+    only sizes a shared random head."""
     args = cli.build_parser("tf2").parse_args(
         ["--name", "t", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", dataset,
-         "--batch", str(batch), "--workers", "2"])
-    for k, v in flags.items():
-        setattr(args, k, v)
-    return args
+         "--batch", str(batch), "--workers", "2", "--resolution", "40", "32", *flags])
+    params = {**PARAMS, checkpoint.HEAD_KERNEL: np.zeros((1, 1, 2048, classes), np.float32),
+              checkpoint.HEAD_BIAS: np.zeros(classes, np.float32)}
+    return loop.make_setup(args, FRAMEWORK, params=params)
 
 
-def make_setup(args: argparse.Namespace, train: Split | None = None, resize: int = 40,
-               crop: int = 32, augment: bool = True, mixup: float | None = None,
-               examples_per_class: int | None = None) -> RunSetup:
-    """A RunSetup built by hand, the way bit_common.loop.Trainer._setup builds it (no params:
-    the input pipeline must not need them)."""
-    info = get_dataset(args.dataset)
-    if train is None:
-        train = data.load_train_split(args, info)
-    if examples_per_class:
-        indices = sample_few_shot(train.labels, examples_per_class, seed=0)
-    else:
-        indices = np.arange(len(train), dtype=np.int64)
-    n = len(indices)
-    alpha = hyperrule.get_mixup(n) if mixup is None else mixup
-    plan = InputPlan(n, args.batch, resize, crop, seed=args.seed, mixup_alpha=alpha,
-                     augment=augment)
-    classes = info.num_classes or len(train.class_names)
-    return RunSetup(args, info, train, indices, classes, parse_arch("R50x1"), {}, plan, resize,
-                    crop)
+def with_mixup(setup: loop.RunSetup, alpha: float) -> loop.RunSetup:
+    return dataclasses.replace(setup, plan=dataclasses.replace(setup.plan, mixup_alpha=alpha))
 
 
 def take(ds: tf.data.Dataset, n: int) -> list[dict[str, np.ndarray]]:
@@ -71,13 +56,8 @@ def reference_train(images: np.ndarray, resize: int, crop: int, offsets, flips) 
 
 
 @pytest.fixture(scope="module")
-def digits_args():
-    return make_args("digits", batch=16)
-
-
-@pytest.fixture(scope="module")
-def digits_setup(digits_args):
-    return make_setup(digits_args, mixup=0.1)
+def digits_setup():
+    return with_mixup(make_setup("digits"), 0.1)
 
 
 # ---- digits: the training stream ------------------------------------------------------------
@@ -109,15 +89,15 @@ def test_stream_is_a_pure_function_of_the_step(digits_setup):
     assert [int(b["step"]) for b in resumed] == [3, 4, 5]
 
 
-def test_batches_cross_epoch_boundaries(digits_args):
-    setup = make_setup(digits_args, examples_per_class=1, mixup=0.0)  # 10 examples, batch 16
+def test_batches_cross_epoch_boundaries():
+    setup = make_setup("digits", "--examples_per_class", "1")  # 10 examples, batch 16
     for s, b in enumerate(take(data.train_dataset(setup, 0), 3)):
         want = setup.train.labels[setup.train_indices[setup.plan.indices(s)]]
         np.testing.assert_array_equal(b["label"], want)
 
 
-def test_few_shot_indices_honoured(digits_args):
-    setup = make_setup(digits_args, examples_per_class=5)
+def test_few_shot_indices_honoured():
+    setup = make_setup("digits", "--examples_per_class", "5")
     assert len(setup.train_indices) == 50
     for s, b in enumerate(take(data.train_dataset(setup, 0), 4)):
         idx = setup.train_indices[setup.plan.indices(s)]
@@ -140,8 +120,8 @@ def test_crops_and_flips_honoured(digits_setup):
     np.testing.assert_array_equal(b["image"], same)
 
 
-def test_no_augment_equals_eval_preprocessing(digits_args):
-    setup = make_setup(digits_args, augment=False)
+def test_no_augment_equals_eval_preprocessing():
+    setup = make_setup("digits", "--no-augment")
     (b,) = take(data.train_dataset(setup, 2), 1)
     bp = setup.plan.batch_plan(2)
     assert b["mixup_lambda"] == 1.0 and not bp.flips.any()
@@ -161,7 +141,7 @@ def test_shards_keep_mixup_partners_in_their_slice(digits_setup):
 
 # ---- evaluation ---------------------------------------------------------------------------------
 def test_eval_covers_every_example_once_with_mask(digits_setup):
-    split = data.load_eval_split(digits_setup.args, digits_setup.dataset)
+    split = digits_setup.eval
     assert len(split) == 360
     batches = list(data.batches(data.eval_dataset(digits_setup, 50)))
     assert len(batches) == 8  # 7 full + 1 padded to 50
@@ -219,8 +199,8 @@ def _decode(path: str) -> np.ndarray:
 
 
 def test_imagefolder_train_and_eval(image_folder):
-    args = make_args("imagefolder", batch=8, datadir=str(image_folder))
-    setup = make_setup(args, resize=24, crop=16)
+    setup = make_setup("imagefolder", "--datadir", str(image_folder), "--resolution", "24", "16",
+                       batch=8, classes=2)
     assert setup.train.class_names == ["cat", "dog"] and len(setup.train) == 12
     assert not any(p.endswith(".txt") for p in setup.train.paths)  # skipped by the scan
     for s, b in enumerate(take(data.train_dataset(setup, 0), 2)):
@@ -231,7 +211,7 @@ def test_imagefolder_train_and_eval(image_folder):
                                                      bp.offsets[j:j + 1], bp.flips[j:j + 1])
                                for j, i in enumerate(idx)])
         np.testing.assert_array_equal(b["image"], want)
-    split = data.load_eval_split(args, setup.dataset)
+    split = setup.eval
     batches = list(data.batches(data.eval_dataset(setup, 4)))
     assert len(batches) == 2 and np.concatenate([b["mask"] for b in batches]).sum() == 6
     got = np.concatenate([b["image"] for b in batches])[:6]
@@ -248,8 +228,8 @@ def test_unreadable_image_error_names_the_file(image_folder, tmp_path):
         (d / "good.png").write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
     bad = root / "train" / "only" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)  # JPEG magic, then nonsense
-    args = make_args("imagefolder", batch=2, datadir=str(root))
-    setup = make_setup(args, resize=10, crop=8)
+    setup = make_setup("imagefolder", "--datadir", str(root), "--resolution", "10", "8", batch=2,
+                       classes=1)
     ds = data.train_dataset(setup, 0)
     with pytest.raises(DataError, match="broken.jpg") as e:
         take(ds, 2)
@@ -260,30 +240,31 @@ def test_unreadable_image_error_names_the_file(image_folder, tmp_path):
             pass
 
 
+def config(datadir) -> loop.RunConfig:
+    return loop.RunConfig(batch=4, batch_split=1, batch_eval=4, workers=1, precision="fp32",
+                          datadir=str(datadir))
+
+
 def test_imagefolder_needs_datadir_folders(tmp_path):
-    args = make_args("imagefolder", datadir=str(tmp_path))
     with pytest.raises(DataError, match="train"):
-        data.load_train_split(args, get_dataset("imagefolder"))
+        data.load_splits(config(tmp_path), get_dataset("imagefolder"))
 
 
 def test_imagenet_from_folders(image_folder):
-    args = make_args("imagenet2012", batch=4, datadir=str(image_folder))
-    split = data.load_train_split(args, get_dataset("imagenet2012"))
-    assert split.paths is not None and len(split) == 12
-    assert len(data.load_eval_split(args, get_dataset("imagenet2012"))) == 6
+    train, evaluation = data.load_splits(config(image_folder), get_dataset("imagenet2012"))
+    assert train.paths is not None and len(train) == 12 and len(evaluation) == 6
 
 
 # ---- tfds, offline through tfds' mock data -----------------------------------------------------
 def test_tfds_cifar10_mocked(tmp_path, monkeypatch):
-    args = make_args("cifar10", batch=8, datadir=str(tmp_path))
-    info = get_dataset("cifar10")
+    flags = ("cifar10", "--datadir", str(tmp_path))
     with tfds.testing.mock_data(num_examples=40):
-        train = data.load_train_split(args, info)
+        setup = make_setup(*flags, batch=8)
+        train = setup.train
         assert isinstance(train, data.TfdsSplit) and len(train) == 40
         assert train.images is None and train.paths is None and train.encoded is not None
         assert train.labels.dtype == np.int64 and train.labels.max() < 10
         assert len(train.class_names) == 10
-        setup = make_setup(args, train, resize=40, crop=32)
         stream = take(data.train_dataset(setup, 0), 3)
         decoded = np.stack([tf.io.decode_image(b).numpy() for b in train.encoded])
         for s, b in enumerate(stream):
@@ -296,10 +277,10 @@ def test_tfds_cifar10_mocked(tmp_path, monkeypatch):
         assert np.concatenate([b["mask"] for b in batches]).sum() == 40
         # A split too large for memory: ArrayRecord random access (mocked) and in-order streaming.
         monkeypatch.setattr(data, "IN_MEMORY_BYTES", -1)
-        big = data.load_train_split(args, info)
-        assert big.encoded is None
+        big_setup = make_setup(*flags, batch=8)
+        big = big_setup.train
+        assert big.encoded is None and big_setup.eval.encoded is None
         np.testing.assert_array_equal(big.labels, train.labels)
-        big_setup = make_setup(args, big, resize=40, crop=32)
         (b,) = take(data.train_dataset(big_setup, 0), 1)
         assert b["image"].shape == (8, 32, 32, 3)
         np.testing.assert_array_equal(b["label"], big.labels[big_setup.plan.indices(0)])
@@ -310,25 +291,25 @@ def test_tfds_cifar10_mocked(tmp_path, monkeypatch):
 def test_tfds_large_tfrecord_split_gathers_only_the_few_shot_subset(tmp_path, monkeypatch):
     """No ArrayRecord files: the encoded images of just the needed examples are read in one
     pass; a subset too large for memory is a DataError that says what to do."""
-    args = make_args("cifar10", batch=4, datadir=str(tmp_path))
-    info = get_dataset("cifar10")
+    flags = ("cifar10", "--datadir", str(tmp_path))
+
+    def no_random_access(*a, **k):
+        raise NotImplementedError("prepared as tfrecord")
+
     with tfds.testing.mock_data(num_examples=60):
-        small = data.load_train_split(args, info)
+        small = make_setup(*flags, batch=4).train
         monkeypatch.setattr(data, "IN_MEMORY_BYTES", -1)
-        big = data.load_train_split(args, info)
-
-        def no_random_access(*a, **k):
-            raise NotImplementedError("prepared as tfrecord")
-
-        monkeypatch.setattr(big.builder, "as_data_source", no_random_access)
+        big = make_setup(*flags, batch=4)
+        few = make_setup(*flags, "--examples_per_class", "1", batch=4)
+        for setup in (big, few):
+            monkeypatch.setattr(setup.train.builder, "as_data_source", no_random_access)
         with pytest.raises(DataError, match="array_record"):
-            data.train_dataset(make_setup(args, big, resize=40, crop=32), 0)
+            data.train_dataset(big, 0)
         monkeypatch.setattr(data, "IN_MEMORY_BYTES", 4 << 30)
-        setup = make_setup(args, big, resize=40, crop=32, examples_per_class=1)
         decoded = np.stack([tf.io.decode_image(b).numpy() for b in small.encoded])
-        for s, b in enumerate(take(data.train_dataset(setup, 0), 3)):
-            bp = setup.plan.batch_plan(s)
-            idx = setup.train_indices[bp.indices]
+        for s, b in enumerate(take(data.train_dataset(few, 0), 3)):
+            bp = few.plan.batch_plan(s)
+            idx = few.train_indices[bp.indices]
             np.testing.assert_array_equal(b["label"], small.labels[idx])
             np.testing.assert_array_equal(
                 b["image"], data.preprocess_train(decoded[idx], 40, 32, bp.offsets, bp.flips))

@@ -1,0 +1,298 @@
+"""The TensorFlow 2 backend the shared loop drives (`python -m bit_tf2.train`):
+
+- one `tf.function` train step, traced once (the learning rate is a tensor argument): mixup on the
+  full batch, then `--batch_split` contiguous micro-batches whose gradients of (micro-loss / k)
+  are accumulated in a `tf.while_loop`; SGD with momentum and no weight decay written out as
+  torch.optim.SGD does it (buf = 0.9 buf + g; p -= lr buf). Keras' SGD keeps v = 0.9 v - lr g,
+  which differs from it whenever the learning rate changes, so it is not used.
+- data parallelism with `tf.distribute.MirroredStrategy` over the local GPUs (or logical CPUs),
+  `MultiWorkerMirroredStrategy` when TF_CONFIG describes several hosts: replica r trains on the
+  r-th contiguous slice of the global batch, the per-replica gradients of (loss / replicas) are
+  summed, and the update is applied once, identically, to every copy of the variables;
+- the per-replica gradient computation is XLA-compiled (`jit_compile`) on GPUs, where it is
+  faster; on CPU the plain graph (oneDNN convolutions) is faster (BIT_TF2_JIT=1/0 overrides);
+- state as canonical numpy arrays (`resnet/...` and `momentum/resnet/...`), so checkpoints are
+  interchangeable with the other frameworks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from bit_common import checkpoint, hyperrule, loop, precision, runtime
+from bit_common.errors import BiTError
+from bit_tf2 import data, models
+
+keras = models.keras
+JIT_ENV = "BIT_TF2_JIT"
+
+
+# ---- devices and strategies ------------------------------------------------------------------
+_STRATEGY: tf.distribute.Strategy | None = None
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy under TF_CONFIG, else MirroredStrategy over the local GPUs
+    (or the logical CPUs, when the CPU was split into several), else the default strategy."""
+    global _STRATEGY
+    if _STRATEGY is None:
+        if os.environ.get("TF_CONFIG"):
+            _STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            devices = (tf.config.list_logical_devices("GPU")
+                       or tf.config.list_logical_devices("CPU"))
+            _STRATEGY = (tf.distribute.MirroredStrategy([d.name for d in devices])
+                         if len(devices) > 1 else tf.distribute.get_strategy())
+    return _STRATEGY
+
+
+def init_distributed() -> None:
+    """Under TF_CONFIG, create the MultiWorkerMirroredStrategy, which must exist before any other
+    TensorFlow op runs; a TF_CONFIG that cannot be used is a BiTError."""
+    if not os.environ.get("TF_CONFIG"):
+        return
+    try:
+        json.loads(os.environ["TF_CONFIG"])
+        make_strategy()
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise BiTError(f"TF_CONFIG is set, so this is a multi-worker run, but it cannot be used "
+                       f"({type(e).__name__}: {e}). Fix it, or unset it for a single-host "
+                       f"run.") from None
+
+
+def finish_distributed() -> None:
+    """Nothing to leave: the strategy's collectives end with the process."""
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def use_jit() -> bool:
+    forced = runtime.env_override(JIT_ENV)
+    return bool(tf.config.list_physical_devices("GPU")) if forced is None else forced
+
+
+def mixed_precision_available() -> bool:
+    """Whether --precision bf16/fp16 may run here (GPUs only; see bit_common.precision). The
+    tests patch this to run the mixed-precision step's logic on a CPU."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _policy(name: str) -> str:
+    precision.require_accelerator(name, "TensorFlow", mixed_precision_available())
+    return {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[name]
+
+
+def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def _apply_momentum(var: tf.Variable, buf: tf.Variable, grad: tf.Tensor, lr: tf.Tensor,
+                    momentum: tf.Tensor) -> None:
+    """buf = momentum * buf + grad; var -= lr * buf, in place, as one kernel per variable (no
+    parameter-sized temporaries; Keras' SGD applies the learning rate differently)."""
+    tf.raw_ops.ResourceApplyMomentum(var=var.handle, accum=buf.handle, lr=lr, grad=grad,
+                                     momentum=momentum, use_locking=False, use_nesterov=False)
+
+
+# ---- the backend the shared loop drives -----------------------------------------------------
+class TF2Backend(loop.Backend):
+    def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
+                 jit: bool | None = None):
+        config = setup.config
+        self.setup, self.config = setup, config
+        self.strategy = strategy or make_strategy()
+        self.replicas = int(self.strategy.num_replicas_in_sync)
+        self.batch_split = int(config.batch_split)
+        if config.batch % (self.replicas * self.batch_split):
+            raise BiTError(
+                f"--batch {config.batch} must be divisible by the number of replicas "
+                f"({self.replicas}) times --batch_split ({self.batch_split}), so that every "
+                f"device gets the same number of equal micro-batches.")
+        self.is_chief = _is_chief(self.strategy)
+        self.jit = use_jit() if jit is None else jit
+        policy = _policy(config.precision)
+        self.loss_scaling = precision.needs_loss_scaling(config.precision)
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            with self.strategy.scope():
+                self.model = models.from_params(setup.arch, setup.params)
+                self.keys = list(self.model.variables_by_key)
+                self.params = [self.model.variables_by_key[k] for k in self.keys]
+                self.momentum = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                                             name="momentum") for v in self.params]
+                self.loss_scale = tf.Variable(precision.LOSS_SCALE_INIT if self.loss_scaling
+                                              else 1.0,
+                                              trainable=False, dtype=tf.float32)
+                self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        self._step = self._make_step()
+        self._eval_step = self._make_eval_step()
+        self._eval_ds = data.eval_dataset(setup, config.batch_eval)  # iterated at each eval
+
+    # the compiled functions ------------------------------------------------------------------
+    def _make_step(self):
+        model, params, k, replicas = self.model, self.params, self.batch_split, self.replicas
+        scaling = self.loss_scaling
+
+        def micro_grads(x, y, y_mix, lam, scale):
+            with tf.GradientTape() as tape:
+                logits = model(x)
+                loss = tf.reduce_mean(lam * _cross_entropy(logits, y)
+                                      + (1 - lam) * _cross_entropy(logits, y_mix))
+                scaled = loss * scale / (k * replicas)
+            grads = tape.gradient(scaled, params)
+            return loss, [tf.cast(g, tf.float32) / scale for g in grads]
+
+        def replica_step(image, label, lam, perm, scale):
+            """Gradients of (this replica's mean loss / replicas), and that loss / replicas."""
+            n = tf.shape(image)[0]
+            perm = perm % n  # the plan's partners of this replica's slice, as local indices
+            lam = tf.cast(lam, tf.float32)
+            x = lam * image + (1 - lam) * tf.gather(image, perm)
+            y, y_mix = label, tf.gather(label, perm)
+            if k == 1:
+                loss, grads = micro_grads(x, y, y_mix, lam, scale)
+                return grads, loss / replicas
+            m = n // k
+            acc = [tf.zeros(p.shape, tf.float32) for p in params]
+            total = tf.zeros([], tf.float32)
+            for i in tf.range(k):
+                # One micro-batch at a time: by default the while loop may run several
+                # iterations' forward passes at once, which is what splitting must prevent.
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+                sl = slice(i * m, (i + 1) * m)
+                loss, grads = micro_grads(x[sl], y[sl], y_mix[sl], lam, scale)
+                acc = [a + g for a, g in zip(acc, grads)]
+                total += loss
+            return acc, total / (k * replicas)
+
+        replica_fn = tf.function(replica_step, jit_compile=self.jit)
+        strategy = self.strategy
+
+        @tf.function
+        def step(batch, lr):
+            grads, loss = strategy.run(replica_fn, args=(
+                batch["image"], batch["label"], batch["mixup_lambda"], batch["mixup_perm"],
+                self.loss_scale))
+            grads = strategy.reduce(tf.distribute.ReduceOp.SUM, grads, axis=None)
+            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            if scaling:  # skip the update and halve the scale on overflow (fp16 only)
+                self._update_loss_scale(finite)
+                grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+                keep = tf.cast(finite, tf.float32)
+            else:
+                keep = tf.constant(1.0)
+            # A skipped step is momentum 1, gradient 0 and learning rate 0: nothing moves.
+            momentum = 1.0 - keep * (1.0 - hyperrule.MOMENTUM)
+            for p, buf, g in zip(params, self.momentum, grads):
+                # The tf.Variable under the Keras variable: per-device copies when mirrored.
+                strategy.extended.update(p.value, _apply_momentum,
+                                         args=(buf, g, keep * lr, momentum), group=False)
+            return loss
+
+        return step
+
+    def _update_loss_scale(self, finite: tf.Tensor) -> None:
+        period = precision.LOSS_SCALE_GROWTH_INTERVAL
+        grow = tf.logical_and(finite, self.good_steps + 1 >= period)
+        self.loss_scale.assign(tf.where(finite, tf.where(grow, self.loss_scale * 2,
+                                                         self.loss_scale),
+                                        self.loss_scale / 2))
+        self.good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)),
+                                        self.good_steps + 1, tf.zeros([], tf.int64)))
+
+    def _make_eval_step(self):
+        model, top = self.model, min(5, self.setup.num_classes)
+
+        def evaluate(image, label, mask):
+            logits = tf.cast(model(image), tf.float32)
+            label = tf.cast(label, tf.int32)
+            ce = _cross_entropy(logits, label)
+            top1 = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), label),
+                           tf.float32)
+            _, best = tf.math.top_k(logits, top)
+            top5 = tf.cast(tf.reduce_any(tf.equal(best, label[:, None]), -1), tf.float32)
+            return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask),
+                             tf.reduce_sum(ce * mask), tf.reduce_sum(mask)])
+
+        return tf.function(evaluate, jit_compile=self.jit)
+
+    # batches ----------------------------------------------------------------------------
+    def train_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        ds = data.train_dataset(self.setup, start_step, shards=self.replicas)
+        for batch in data.batches(ds):
+            yield int(batch.pop("step")), batch
+
+    def distribute(self, batch: dict[str, np.ndarray]) -> Any:
+        """Replica r gets rows [r*B/R, (r+1)*B/R) of every per-example array; scalars whole."""
+        n = len(batch["label"]) // self.replicas
+
+        def value_fn(ctx: tf.distribute.experimental.ValueContext) -> dict[str, tf.Tensor]:
+            r = ctx.replica_id_in_sync_group
+            return {k: tf.constant(v if np.ndim(v) == 0 else v[r * n:(r + 1) * n])
+                    for k, v in batch.items() if k in ("image", "label", "mixup_lambda",
+                                                       "mixup_perm")}
+
+        return self.strategy.experimental_distribute_values_from_function(value_fn)
+
+    def train_step(self, batch: dict[str, np.ndarray], lr: float) -> float:
+        batch = {"image": np.asarray(batch["image"], np.float32),
+                 "label": np.asarray(batch["label"], np.int32),
+                 "mixup_lambda": np.asarray(batch["mixup_lambda"], np.float32).reshape(()),
+                 "mixup_perm": np.asarray(batch["mixup_perm"], np.int32)}
+        loss = self._step(self.distribute(batch), tf.constant(lr, tf.float32))
+        return float(loss)
+
+    def eval_sums(self) -> np.ndarray:
+        totals = np.zeros(4, np.float64)
+        for batch in data.batches(self._eval_ds, numpy=False):
+            totals += self._eval_step(batch["image"], batch["label"], batch["mask"]).numpy()
+        return totals
+
+    # state ------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        arch, classes = self.setup.arch, self.setup.num_classes
+        state = models.to_params(self.model)
+        mom = {k: np.asarray(b.numpy(), np.float32) for k, b in zip(self.keys, self.momentum)}
+        checkpoint.validate(mom, arch, classes, source="The TF2 momentum buffers")
+        state = loop.join_state(state, mom)
+        if self.loss_scaling:
+            state.update(precision.loss_scale_state(float(self.loss_scale.numpy()),
+                                                    int(self.good_steps.numpy())))
+        return state
+
+    def set_state(self, state: Mapping[str, np.ndarray]) -> None:
+        arch, classes = self.setup.arch, self.setup.num_classes
+        params, momentum = loop.split_state(state, arch, classes)
+        models.assign_params(self.model, params)
+        for key, buf in zip(self.keys, self.momentum):
+            buf.assign(np.asarray(momentum[key], np.float32))
+        if self.loss_scaling:
+            scale, good_steps = precision.read_loss_scale(state)
+            self.loss_scale.assign(scale)
+            self.good_steps.assign(good_steps)
+
+    def agree(self, flag: bool) -> bool:
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return flag
+        value = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(float(flag)))
+        return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value, axis=None) > 0)
