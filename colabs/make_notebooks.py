@@ -38,8 +38,9 @@ import numpy as np
 
 ROOT = Path.cwd().parent if Path.cwd().name == "colabs" else Path.cwd()
 sys.path.insert(0, str(ROOT))
+from bit_common import checkpoint, registry, runtime
+runtime.configure("{fw}")  # the command line's process-wide settings, before {title} starts
 from bit_{fw} import models
-from bit_common import checkpoint, registry
 from bit_common.datasets import load_digits
 
 SMALL = os.environ.get("BIT_COLAB_SMALL", "1") == "1"
