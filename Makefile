@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FRAMEWORK ?= pytorch
+# The extras `make install` installs; EXTRAS=cuda,dev for the frameworks' GPU builds.
+EXTRAS ?= all,dev
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: install demo test test-slow parity bench profile reproduce clean
@@ -14,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[all,dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: install
