@@ -13,14 +13,16 @@ out with a note, and JAX then times its step on a batch made here instead of its
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +87,10 @@ def cuda_device() -> str | None:
 
 def make_setup(fw: str, batch: int, crop: int, batch_split: int = 1, dataset: str = "digits",
                datadir: str | None = None, workers: int = 2, precision: str = "fp32",
-               classes: int = 10) -> loop.RunSetup:
+               classes: int = 10, resize: int | None = None) -> loop.RunSetup:
     """The run's set-up as the CLI makes it (`loop.make_setup`), from a seeded random R50x1 with
-    a head for the dataset's `classes`."""
-    resize = crop + crop // 8
+    a head for the dataset's `classes`; `resize` defaults to crop + crop / 8."""
+    resize = resize or crop + crop // 8
     argv = ["--name", "bench", "--model", "BiT-M-R50x1", "--logdir", tempfile.gettempdir(),
             "--dataset", dataset, "--batch", str(batch), "--batch_split", str(batch_split),
             "--resolution", str(resize), str(crop), "--workers", str(workers),
@@ -292,41 +294,129 @@ def eval_speed(batch: int, crop: int, rounds: int, npz: Path,
 FOLDER_CLASSES = 4
 
 
-def synthetic_folder(root: Path, n: int = 256, size: tuple[int, int] = (375, 500)) -> Path:
+PHOTO_SIZE = (375, 500)  # height, width: a typical photo of a user's image folder
+# (resize, crop): what BiT-HyperRule picks for such photos, and for small images
+PIPELINE_SIZES = ((512, 480), (160, 128))
+PIPELINE_WORKERS = (1, 2)
+
+
+def photo_folder(root: Path, n: int = 256, size: tuple[int, int] = PHOTO_SIZE) -> Path:
+    """An image folder of real photos: random crops (60-100 % of the side) of scikit-learn's two
+    sample photos, resized to `size` and re-encoded as JPEG at quality 90 (JPEGs of noise are
+    3-4x larger than photos and slower to decode)."""
     from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in range(FOLDER_CLASSES):
             d = root / split / f"class{c}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n // FOLDER_CLASSES if split == "train" else 2):
-                img = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+                photo = photos[rng.integers(len(photos))]
+                scale = rng.uniform(0.6, 1.0)
+                h, w = int(photo.shape[0] * scale), int(photo.shape[1] * scale)
+                top = rng.integers(photo.shape[0] - h + 1)
+                left = rng.integers(photo.shape[1] - w + 1)
+                img = Image.fromarray(photo[top:top + h, left:left + w])
+                img.resize(size[::-1], Image.BILINEAR).save(d / f"{i}.jpg", quality=90)
     return root
 
 
-def pipeline_speed(batch: int, crop: int, batches: int, folder: Path,
+def _files(folder: Path) -> list[Path]:
+    return sorted((folder / "train").glob("*/*.jpg"))
+
+
+def _rate(images: int, run: Callable[[], object], repeats: int = 1) -> float:
+    """img/s of `run`, the best of `repeats` (the first pass also builds tf.data's graphs)."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return images / best
+
+
+def decode_ceiling(folder: Path, resize: int, pipelines: Sequence[str]) -> dict[str, float]:
+    """img/s of decoding the folder's JPEGs alone and decoding + resizing them to `resize`, on
+    one core, with each pipeline's own decoder and resize (PIL + torch for PyTorch's, TensorFlow's
+    ops for tf.data's): the most a pipeline worker can deliver."""
+    files, out = _files(folder), {}
+    for f in files:  # from the page cache, as an epoch after the first reads them
+        f.read_bytes()
+    if "pytorch" in pipelines:
+        import torch
+
+        from bit_pytorch import data as torch_data
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out["pytorch decode"] = _rate(len(files), lambda: [torch_data.decode(str(f))
+                                                               for f in files], 3)
+            out["pytorch decode+resize"] = _rate(len(files), lambda: [
+                torch_data.resize(torch_data.decode(str(f)), resize) for f in files], 3)
+        finally:
+            torch.set_num_threads(threads)
+    if "tf.data" in pipelines:
+        import tensorflow as tf
+
+        def run(resize_too: bool) -> None:
+            def load(path):
+                img = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+                if resize_too:
+                    img = tf.image.resize(tf.cast(img, tf.float32), (resize, resize),
+                                          antialias=True)
+                return img[0, 0, 0]  # a value, so that no op is pruned
+            opts = tf.data.Options()
+            opts.threading.private_threadpool_size = 1
+            ds = tf.data.Dataset.from_tensor_slices([str(f) for f in files]).map(load)
+            for _ in ds.with_options(opts):
+                pass
+
+        out["tf.data decode"] = _rate(len(files), lambda: run(False), 3)
+        out["tf.data decode+resize"] = _rate(len(files), lambda: run(True), 3)
+    return out
+
+
+def _consume(it: Iterator, n: int) -> None:
+    for _ in range(n):  # one batch alive at a time, as in training
+        next(it)
+
+
+def _pipeline(name: str, batch: int, crop: int, workers: int, kwargs: dict) -> Iterator:
+    if name == "pytorch":
+        return framework("pytorch").make_backend(
+            make_setup("pytorch", batch, crop, workers=workers, **kwargs)).train_batches(0)
+    from bit_tfdata import pipeline as tfd
+    return tfd.batches(tfd.train_dataset(make_setup("tf2", batch, crop, workers=workers,
+                                                    **kwargs), 0))
+
+
+def pipeline_speed(batch: int, batches: int, folder: Path,
                    pipelines: Sequence[str] = ("pytorch", "tf.data")) -> dict[str, float]:
     """img/s of the torchvision pipeline (PyTorch's) and of the shared tf.data one (JAX's and
-    TF2's), model-free."""
+    TF2's), model-free: digits at 160->128 px, and the photo folder at each PIPELINE_SIZES
+    entry with each PIPELINE_WORKERS count, beside the one-core decode ceiling."""
     out = {}
-    for source, kwargs in (("digits", {}), ("jpeg_folder", {"dataset": "imagefolder",
-                                                           "datadir": str(folder),
-                                                           "classes": FOLDER_CLASSES})):
-        its = {}
-        if "pytorch" in pipelines:
-            its["pytorch"] = framework("pytorch").make_backend(
-                make_setup("pytorch", batch, crop, **kwargs)).train_batches(0)
-        if "tf.data" in pipelines:
-            from bit_tfdata import pipeline as tfd
-            its["tf.data"] = tfd.batches(tfd.train_dataset(make_setup("tf2", batch, crop,
-                                                                      **kwargs), 0))
-        for name, it in its.items():
-            next(it)  # start workers
-            t0 = time.perf_counter()
-            for _ in range(batches):
-                next(it)
-            out[f"{name} {source}"] = batches * batch / (time.perf_counter() - t0)
+    runs = [("digits 160->128", {}, 2, 128)]
+    for resize, crop in PIPELINE_SIZES:
+        out.update({f"{k} {resize}": v for k, v in
+                    decode_ceiling(folder, resize, pipelines).items()})
+        for workers in PIPELINE_WORKERS:
+            runs.append((f"photos {resize}->{crop} {workers} worker{'s' * (workers > 1)}",
+                         {"dataset": "imagefolder", "datadir": str(folder),
+                          "classes": FOLDER_CLASSES, "resize": resize}, workers, crop))
+    for label, kwargs, workers, crop in runs:
+        for name in pipelines:
+            it = _pipeline(name, batch, crop, workers, kwargs)
+            try:
+                for _ in range(4):  # start the workers and fill the prefetch buffers
+                    next(it)
+                out[f"{name} {label}"] = _rate(batches * batch, lambda: _consume(it, batches))
+            finally:  # no pipeline's workers or buffers may compete with the next one
+                it.close()
+                gc.collect()
     return out
 
 
@@ -422,6 +512,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "at small batches the gradients, optimizer state and compiled code, "
                         "which no split reduces, dominate")
     p.add_argument("--skip_memory", action="store_true")
+    p.add_argument("--pipeline_images", type=int, default=256,
+                   help="photos in the input-pipeline benchmark's folder")
+    p.add_argument("--pipeline_batches", type=int, default=32,
+                   help="batches timed per input pipeline and size")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16/fp16: mixed precision, on a CUDA GPU only")
     p.add_argument("--frameworks", default=",".join(RUNNERS),
@@ -469,8 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         if "tf2" in fws or ("jax" in fws and has_tensorflow()):  # their shared tf.data one
             pipelines.append("tf.data")
         if pipelines:
-            folder = synthetic_folder(Path(tmp) / "images")
-            res["pipeline_img_per_s"] = pipeline_speed(args.batch, args.crop, 20, folder,
+            folder = photo_folder(Path(tmp) / "images", args.pipeline_images)
+            res["pipeline_img_per_s"] = pipeline_speed(args.batch, args.pipeline_batches, folder,
                                                        pipelines)
     if not args.skip_memory:
         res["memory_batch"] = args.memory_batch
@@ -510,8 +604,9 @@ def print_table(res: dict) -> None:
     print("evaluation img/s (float32): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                      res["eval_img_per_s"].items()))
     if "pipeline_img_per_s" in res:
-        print("input pipeline img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                   res["pipeline_img_per_s"].items()))
+        print("input pipeline img/s (model-free; decode rows: one core, the ceiling):")
+        for k, v in res["pipeline_img_per_s"].items():
+            print(f"  {k:<38} {v:6.0f}")
     for fw, m in res.get("step_memory_mib", {}).items():
         print(f"step memory ({res['step_memory_kind']}) {fw}, batch {res['memory_batch']}: "
               f"split 1 {m[1]:.0f} MiB, "

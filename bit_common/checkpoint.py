@@ -84,6 +84,29 @@ def canonical_key(key: str) -> str:
     return _QUIRK.sub("standardized_conv2d", key)
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def npz_problem(path: Path, error: Exception) -> str:
+    """What is wrong with a file np.load could not read as an `.npz`, in words (numpy's own
+    messages talk of pickles, which a checkpoint never needs)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        return "is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return "is a single .npy array, not an .npz archive of named arrays"
+    if not head.startswith(_ZIP_MAGIC):
+        kind = "text" if head.isascii() else "binary data"
+        return (f"is not an .npz archive (a zip of .npy arrays): it begins with {kind} "
+                f"{head!r}, as a failed download's web page or another format would")
+    return (f"is a damaged or truncated .npz archive ({type(error).__name__}), as an "
+            f"interrupted download or copy leaves")
+
+
 def read_npz(path: str | os.PathLike) -> Params:
     """Read a `.npz` into canonical names (float32), with a clear error for unreadable files."""
     path = Path(path)
@@ -93,10 +116,9 @@ def read_npz(path: str | os.PathLike) -> Params:
     try:
         with np.load(path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"Checkpoint {str(path)!r} is not a readable .npz file ({type(e).__name__}: {e}). "
-            f"It may be truncated by an interrupted download: delete it and download it again."
+            f"Checkpoint {str(path)!r} {npz_problem(path, e)}: delete it and download it again."
         ) from None
     params: Params = {}
     for key, value in raw.items():

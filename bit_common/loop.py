@@ -18,11 +18,12 @@ import platform
 import signal
 import sys
 import time
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -147,8 +148,10 @@ class Framework(ABC):
 
     name: str  # "pytorch", "jax" or "tf2"
 
-    def start(self, config: RunConfig) -> None:
-        """Join a multi-process run where the environment describes one (before any data)."""
+    def start(self, config: RunConfig) -> int:
+        """Join a multi-process run where the environment describes one (before any data);
+        the number of processes of the run (1 when it is not multi-process)."""
+        return 1
 
     def stop(self) -> None:
         """Leave the multi-process run `start` joined."""
@@ -174,9 +177,10 @@ class PackageFramework(Framework):
     def _module(self, module: str) -> Any:
         return importlib.import_module(f"bit_{self.name}.{module}")
 
-    def start(self, config: RunConfig) -> None:
-        self._module("backend").init_distributed()
+    def start(self, config: RunConfig) -> int:
+        processes = self._module("backend").init_distributed()
         self._started = True
+        return processes
 
     def stop(self) -> None:
         if self._started:
@@ -247,14 +251,37 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
     try:
         check_flags(args)
         runtime.configure(framework.name, precision=args.precision)
-        framework.start(RunConfig.from_args(args))
+        processes = framework.start(RunConfig.from_args(args))
         try:
-            return Trainer(args, framework).run()
-        finally:
+            code = Trainer(args, framework).run()
+        except BaseException as e:
+            if processes > 1:
+                _end_multi_process(e)
             framework.stop()
+            raise
+        framework.stop()
+        return code
     except BiTError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+def _end_multi_process(e: BaseException) -> NoReturn:
+    """End a failed process of a multi-process run without leaving the run: the frameworks'
+    leaving waits for every process (JAX's for minutes, then aborts), and the others are either
+    lost or waiting in a collective, which they give up when this process is gone."""
+    if isinstance(e, BiTError):
+        exit_at_once(f"error: {e}")
+    traceback.print_exception(e)
+    exit_at_once(f"error: this process of a multi-process run failed ({type(e).__name__}).", 1)
+
+
+def exit_at_once(message: str, code: int = 2) -> NoReturn:
+    """Print `message` and end the process now: after a process of a multi-process run is lost,
+    the frameworks' own shutdown would wait for it (JAX's for minutes, then aborts)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 class Trainer:
@@ -275,13 +302,14 @@ class Trainer:
             start = int(resume.pop("meta/step"))
             resume.pop("meta/config")
             backend.set_state(resume)
+        _check_all_resume(backend, run_dir, start)
         run_dir_or_none = run_dir if backend.is_chief else None
         if run_dir_or_none:
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in checkpoint.remove_stale_temporaries(run_dir):
                 print(f"Removed {stale}, left by a write that was interrupted.")
             _write_config(run_dir, args, setup, self.framework.name)
-        log = RunLog(run_dir_or_none, resume_step=start)
+        log = RunLog(run_dir_or_none, resume_step=start, echo=backend.is_chief)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._train(backend, setup, log, run_dir, start)
@@ -294,16 +322,21 @@ class Trainer:
         path = run_dir / CHECKPOINT
         if not path.exists():
             return None
+        keep = ("It is left untouched: move it away to start this run afresh, or use another "
+                "--name.")
         try:
             with np.load(path, allow_pickle=False) as f:
                 state = {k: f[k] for k in f.files}
+        except Exception as e:  # any unreadable file: explain, never overwrite
+            raise CheckpointError(f"The run folder's checkpoint {path} "
+                                  f"{checkpoint.npz_problem(path, e)}. {keep}") from None
+        try:
             saved = json.loads(str(state["meta/config"]))
             int(state["meta/step"])
-        except Exception as e:  # any unreadable or foreign file: explain, never overwrite
+        except Exception as e:  # a foreign .npz
             raise CheckpointError(
                 f"The run folder's checkpoint {path} cannot be resumed from ({type(e).__name__}: "
-                f"{e}). It is left untouched: move it away to start this run afresh, or use "
-                f"another --name.") from None
+                f"{e}): it is not a checkpoint this project wrote. {keep}") from None
         now = _resume_config(self.args)
         diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
         if diff:
@@ -383,6 +416,17 @@ class Trainer:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
+
+
+def _check_all_resume(backend: Backend, run_dir: Path, start: int) -> None:
+    """Every process of a multi-process run resumes, or none does: a --logdir that is not shared
+    would have the others start afresh beside a resumed process 0."""
+    some, not_all = backend.agree(start > 0), backend.agree(start == 0)
+    if some and not_all:
+        raise BiTError(
+            f"Some processes of this multi-process run found a checkpoint in {run_dir} and others "
+            f"did not, so they cannot resume together. --logdir must name a folder that every "
+            f"process sees (a shared file system), with the same contents.")
 
 
 def _resume_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -44,11 +44,12 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class RunLog:
-    """Writes train.log, metrics.jsonl and the console; only the chief process writes files."""
+    """Writes train.log, metrics.jsonl and the console; only the chief process writes files, and
+    with `echo` False (the other processes of a multi-process run) nothing is printed."""
 
     def __init__(self, run_dir: Path | None, resume_step: int = 0,
-                 console: TextIO | None = None):
-        self.console = console or sys.stdout
+                 console: TextIO | None = None, echo: bool = True):
+        self.console = (console or sys.stdout) if echo else None
         self._log = self._metrics = None
         if run_dir is not None:
             truncate_metrics(run_dir / "metrics.jsonl", resume_step)
@@ -57,7 +58,8 @@ class RunLog:
 
     def info(self, msg: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        print(line, file=self.console, flush=True)
+        if self.console:
+            print(line, file=self.console, flush=True)
         if self._log:
             self._log.write(line + "\n")
 

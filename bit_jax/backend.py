@@ -26,7 +26,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bit_common import hyperrule, loop, precision, runtime
-from bit_common.errors import BiTError
+from bit_common.errors import BiTError, collective_peer_failure, peer_losses
 from bit_jax import models
 
 DATA_AXIS = "data"
@@ -180,6 +180,16 @@ def state_to_canonical(state: tuple, arch, num_classes: int) -> dict[str, np.nda
 
 
 # ---- the backend the shared loop drives -----------------------------------------------------
+def _lost_peer(backend: JaxBackend, e: Exception) -> str | None:
+    """JAX's Gloo collectives raise (ValueError or XlaRuntimeError) when a peer is gone."""
+    if jax.process_count() > 1 and isinstance(e, (ValueError, jax.errors.JaxRuntimeError)):
+        return collective_peer_failure(e)
+    return None
+
+
+_peer_losses = peer_losses(_lost_peer)
+
+
 class JaxBackend(loop.Backend):
     def __init__(self, setup: loop.RunSetup, devices: Sequence[jax.Device] | None = None):
         config = setup.config
@@ -209,12 +219,14 @@ class JaxBackend(loop.Backend):
             step = int(batch.pop("step"))
             yield step, shard_batch(batch, self.mesh)
 
+    @_peer_losses
     def train_step(self, batch: Mapping[str, jax.Array], lr: float) -> float:
         self.state, loss = self._step(self.state, batch, np.float32(lr))
         loss = float(loss)
         self._heap.after_step()
         return loss
 
+    @_peer_losses
     def eval_sums(self) -> np.ndarray:
         from bit_jax import data
 
@@ -237,6 +249,7 @@ class JaxBackend(loop.Backend):
         params, momentum = loop.split_state(state, self.setup.arch, self.setup.num_classes)
         self.state = init_state(params, self.mesh, momentum)
 
+    @_peer_losses
     def agree(self, flag: bool) -> bool:
         if jax.process_count() == 1:
             return flag
@@ -274,20 +287,22 @@ def _compute_dtype(name: str) -> Any:
     return jnp.bfloat16 if name == "bf16" else jnp.float32
 
 
-def init_distributed() -> None:
-    """Join a multi-host run when the JAX_* environment variables describe one."""
+def init_distributed() -> int:
+    """Join a multi-host run when the JAX_* environment variables describe one; the number of
+    processes."""
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
-        return
+        return 1
     try:
-        jax.distributed.initialize(
-            coordinator_address=address,
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]))
+        processes = int(os.environ["JAX_NUM_PROCESSES"])
+        process = int(os.environ["JAX_PROCESS_ID"])
     except (KeyError, ValueError) as e:
         raise BiTError(f"JAX_COORDINATOR_ADDRESS is set, so this is a multi-host run, but "
                        f"JAX_NUM_PROCESSES / JAX_PROCESS_ID are missing or invalid ({e}). Set "
                        f"all three, or none for a single-host run.") from None
+    jax.distributed.initialize(coordinator_address=address, num_processes=processes,
+                               process_id=process)
+    return processes
 
 
 def finish_distributed() -> None:

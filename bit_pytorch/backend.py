@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bit_common import hyperrule, loop, precision
-from bit_common.errors import BiTError
+from bit_common.errors import BiTError, collective_peer_failure, peer_losses
 from bit_common.loop import RunSetup
 from bit_pytorch import data, models
 
@@ -48,15 +48,27 @@ def local_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
-def init_distributed() -> None:
+def init_distributed() -> int:
     """Join the process group when launched by torchrun with more than one process (the GPU is
-    bound first, as NCCL needs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
+    bound first, as NCCL needs); the number of processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return world
     device = local_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world
+
+
+def _lost_peer(backend: PyTorchBackend, e: Exception) -> str | None:
+    """Gloo and NCCL raise RuntimeError when a peer of a collective is gone."""
+    if backend.world > 1 and isinstance(e, RuntimeError):
+        return collective_peer_failure(e)
+    return None
+
+
+_peer_losses = peer_losses(_lost_peer)
 
 
 def finish_distributed() -> None:
@@ -124,6 +136,7 @@ class PyTorchBackend(loop.Backend):
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ---- one optimizer step -------------------------------------------------------------------
+    @_peer_losses
     def train_step(self, batch: data.TrainBatch, lr: float) -> float:
         x = self._to_device(batch.images)
         y = batch.labels.to(self.device, non_blocking=True)
@@ -163,6 +176,7 @@ class PyTorchBackend(loop.Backend):
         return float(total)
 
     # ---- evaluation ---------------------------------------------------------------------------
+    @_peer_losses
     def eval_sums(self) -> np.ndarray:
         split = self.setup.eval
         rows = data.shard_rows(len(split), self.rank, self.world)
@@ -219,6 +233,7 @@ class PyTorchBackend(loop.Backend):
             self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": scale,
                                          "_growth_tracker": good_steps})
 
+    @_peer_losses
     def agree(self, flag: bool) -> bool:
         if self.world == 1:
             return flag

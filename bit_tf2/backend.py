@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from bit_common import checkpoint, hyperrule, loop, precision, runtime
-from bit_common.errors import BiTError
+from bit_common.errors import BiTError, peer_losses
 from bit_tf2 import data, models
 
 keras = models.keras
@@ -52,18 +52,31 @@ def make_strategy() -> tf.distribute.Strategy:
     return _STRATEGY
 
 
-def init_distributed() -> None:
+def init_distributed() -> int:
     """Under TF_CONFIG, create the MultiWorkerMirroredStrategy, which must exist before any other
-    TensorFlow op runs; a TF_CONFIG that cannot be used is a BiTError."""
+    TensorFlow op runs; a TF_CONFIG that cannot be used is a BiTError. The number of workers."""
     if not os.environ.get("TF_CONFIG"):
-        return
+        return 1
     try:
-        json.loads(os.environ["TF_CONFIG"])
+        cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
         make_strategy()
-    except (ValueError, KeyError, RuntimeError) as e:
+        return sum(len(cluster.get(kind, ())) for kind in ("chief", "worker"))
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise BiTError(f"TF_CONFIG is set, so this is a multi-worker run, but it cannot be used "
                        f"({type(e).__name__}: {e}). Fix it, or unset it for a single-host "
                        f"run.") from None
+
+
+def _lost_peer(backend: TF2Backend, e: Exception) -> str | None:
+    """TensorFlow aborts a multi-worker run's collectives with UnavailableError."""
+    if backend.multi_worker and isinstance(e, tf.errors.OpError) and (
+            isinstance(e, tf.errors.UnavailableError)
+            or "Collective ops is aborted" in (e.message or "")):
+        return (e.message or "").strip().splitlines()[0][:300]
+    return None
+
+
+_peer_losses = peer_losses(_lost_peer)
 
 
 def finish_distributed() -> None:
@@ -117,6 +130,7 @@ class TF2Backend(loop.Backend):
         self.setup, self.config = setup, config
         self.strategy = strategy or make_strategy()
         self.replicas = int(self.strategy.num_replicas_in_sync)
+        self.multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         self.batch_split = int(config.batch_split)
         if config.batch % (self.replicas * self.batch_split):
             raise BiTError(
@@ -191,7 +205,11 @@ class TF2Backend(loop.Backend):
             grads, loss = strategy.run(replica_fn, args=(
                 batch["image"], batch["label"], batch["mixup_lambda"], batch["mixup_perm"],
                 self.loss_scale))
-            grads = strategy.reduce(tf.distribute.ReduceOp.SUM, grads, axis=None)
+            # One batched all-reduce whose sums stay on the replicas' devices (a list handed to
+            # `strategy.reduce` is packed into one tensor, which multi-worker collectives reject;
+            # other destinations make one all-reduce per variable).
+            grads = strategy.extended.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM, [(g, g) for g in grads])
             loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             if scaling:  # skip the update and halve the scale on overflow (fp16 only)
@@ -253,6 +271,7 @@ class TF2Backend(loop.Backend):
 
         return self.strategy.experimental_distribute_values_from_function(value_fn)
 
+    @_peer_losses
     def train_step(self, batch: dict[str, np.ndarray], lr: float) -> float:
         batch = {"image": np.asarray(batch["image"], np.float32),
                  "label": np.asarray(batch["label"], np.int32),
@@ -261,6 +280,7 @@ class TF2Backend(loop.Backend):
         loss = self._step(self.distribute(batch), tf.constant(lr, tf.float32))
         return float(loss)
 
+    @_peer_losses
     def eval_sums(self) -> np.ndarray:
         totals = np.zeros(4, np.float64)
         for batch in data.batches(self._eval_ds, numpy=False):
@@ -290,9 +310,10 @@ class TF2Backend(loop.Backend):
             self.loss_scale.assign(scale)
             self.good_steps.assign(good_steps)
 
+    @_peer_losses
     def agree(self, flag: bool) -> bool:
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not self.multi_worker:
             return flag
         value = self.strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(float(flag)))
-        return bool(self.strategy.reduce(tf.distribute.ReduceOp.MAX, value, axis=None) > 0)
+        return bool(self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) > 0)

@@ -114,10 +114,15 @@ def test_resident_memory_probe_sees_an_allocation():
 def test_bench_runs_timm_and_pytorch_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--frameworks", "timm,pytorch", "--batch", "2", "--crop", "32",
-                       "--rounds", "2", "--steps", "1", "--skip_memory", "--out", str(out)]) == 0
+                       "--rounds", "2", "--steps", "1", "--skip_memory", "--pipeline_images", "16",
+                       "--pipeline_batches", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert list(res["train"]) == ["timm", "pytorch"] and res["precision"] == "fp32"
     assert res["train"]["timm"]["x_timm"] == 1.0 and res["train"]["pytorch"]["img_per_s"] > 0
     assert list(res["eval_img_per_s"]) == ["pytorch"]
-    assert list(res["pipeline_img_per_s"]) == ["pytorch digits", "pytorch jpeg_folder"]
+    pipes = res["pipeline_img_per_s"]
+    assert {"pytorch digits 160->128", "pytorch photos 512->480 1 worker",
+            "pytorch photos 160->128 2 workers", "pytorch decode 512",
+            "pytorch decode+resize 160"} <= set(pipes), pipes
+    assert all(k.startswith("pytorch ") and v > 0 for k, v in pipes.items())
     assert "pytorch" in capsys.readouterr().out

@@ -79,10 +79,20 @@ def test_unreadable_files_are_explained(tmp_path, r50_npz):
     truncated = tmp_path / "t.npz"
     truncated.write_bytes(r50_npz.read_bytes()[:100_000])
     not_npz = tmp_path / "n.npz"
-    not_npz.write_text("hello")
-    for path in (truncated, not_npz):
-        with pytest.raises(CheckpointError, match="not a readable .npz"):
+    not_npz.write_text("<html>Not found</html>")
+    one_array = tmp_path / "a.npz"
+    with open(one_array, "wb") as f:
+        np.save(f, np.zeros(3))
+    empty = tmp_path / "e.npz"
+    empty.write_bytes(b"")
+    for path, says in ((truncated, "is a damaged or truncated .npz archive"),
+                       (not_npz, "is not an .npz archive (a zip of .npy arrays): it begins with "
+                                 "text b'<html>No'"),
+                       (one_array, "is a single .npy array"), (empty, "is empty")):
+        with pytest.raises(CheckpointError) as e:
             checkpoint.read_npz(path)
+        assert says in str(e.value) and "download it again" in str(e.value)
+        assert "pickle" not in str(e.value) and "unsafe" not in str(e.value)
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint.read_npz(tmp_path / "absent.npz")
     other = tmp_path / "o.npz"

@@ -173,7 +173,7 @@ def test_truncated_weights(cli, r50_npz, tmp_path, base_args):
     args[args.index("--bit_pretrained_dir") + 1] = str(weights)
     args[args.index("--logdir") + 1] = str(tmp_path / "runs")
     code, err, run_dir = cli(args=args)
-    assert code == 2 and "not a readable .npz" in err and "Traceback" not in err
+    assert code == 2 and "is a damaged or truncated .npz archive" in err and "Traceback" not in err
     assert not run_dir.exists()
 
 

@@ -281,26 +281,30 @@ def test_bad_input_through_the_real_cli(r50_npz, ckpt_dir, tmp_path):
 
 
 # ---- two processes under DistributedDataParallel ------------------------------------------------
-def test_ddp_two_processes_equal_one(r50_npz, ckpt_dir, tmp_path):
-    common = ["--steps", "2", "--base_lr", "10", "--batch_split", "2", "--batch_eval", "360"]
+def test_ddp_two_processes_equal_one(r50_npz, r50_params, ckpt_dir, tmp_path):
+    # 5 steps at a large base rate: the weights move by ~40 % of their norm.
+    common = ["--steps", "5", "--base_lr", "10", "--batch_split", "2", "--batch_eval", "360"]
     assert main(cli_args(ckpt_dir, tmp_path, "one", *common)) == 0
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "bit_pytorch.train", *cli_args(ckpt_dir, tmp_path, "two", *common)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[step 5] loss=") == 1  # only rank 0 prints
     one, two = load_state(tmp_path / "one/checkpoint.npz"), load_state(
         tmp_path / "two/checkpoint.npz")
     assert one.keys() == two.keys()
-    worst = max(float(np.abs(one[k] - two[k]).max() / (np.abs(one[k]).max() + 1e-12))
-                for k in one)
-    print(f"DDP 2 processes vs 1: max relative difference {worst:.2e}")
-    assert worst < 1e-5
+    start = {k: np.zeros_like(v) if "/head/" in k else v for k, v in r50_params.items()}
+    diff = update_difference(one, two, start, "resnet/")
+    print(f"DDP 2 processes vs 1: relative L2 of the update {diff:.2e}")
+    assert diff <= UPDATE_TOLERANCE
     ma = runlog.read_metrics(tmp_path / "one/metrics.jsonl")
     mb = runlog.read_metrics(tmp_path / "two/metrics.jsonl")
     assert [(r["type"], r["step"]) for r in ma] == [(r["type"], r["step"]) for r in mb]
-    for ra, rb in zip(ma, mb):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-4
+    la = [r["loss"] for r in ma if r["type"] == "train"]
+    lb = [r["loss"] for r in mb if r["type"] == "train"]
+    # The loss climbs at this rate, which amplifies the rounding of another reduction order.
+    assert np.allclose(la[:3], lb[:3], rtol=1e-4) and np.allclose(la, lb, rtol=3e-2)
     assert json.loads((tmp_path / "two/config.json").read_text())["framework"] == "pytorch"
 
 

@@ -181,7 +181,7 @@ def bad_files(tmp_path_factory, r50_params):
 
 BAD_INPUT = [
     ("other architecture", [], "holds a R101x1, but a R50x1 was asked for"),
-    ("truncated", [], "not a readable .npz"),
+    ("truncated", [], "is a damaged or truncated .npz archive"),
     ("missing keys", [], "missing key(s), first 'resnet/block4/unit03/a/group_norm/gamma'"),
     (None, ["--model", "BiT-M-R50"], "Unknown model 'BiT-M-R50'. Did you mean: BiT-M-R50x3, BiT-M-R50x1"),
     (None, ["--dataset", "cifar"], "Did you mean: cifar10"),
@@ -217,6 +217,7 @@ def test_unwritable_logdir_and_corrupt_checkpoint(framework_name, tmp_path, r50_
                                                       2)) == 2
     err = capsys.readouterr().err
     assert str(run_dir / loop.CHECKPOINT) in err and "left untouched" in err
+    assert "is not an .npz archive" in err and "pickle" not in err
     assert (run_dir / loop.CHECKPOINT).read_bytes() == b"\x00" * 100
     assert sorted(p.name for p in run_dir.iterdir()) == [loop.CHECKPOINT]
 

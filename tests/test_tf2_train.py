@@ -335,7 +335,7 @@ def test_bad_inputs(capsys, tmp_path, r50_npz, r50_params):
     (other / "BiT-M-R101x1.npz").write_bytes(r50_npz.read_bytes())
     _fails(capsys, _argv("a", tmp_path, other, "--model", "BiT-M-R101x1"), "R50x1", "R101x1")
     (other / "BiT-M-R50x1.npz").write_bytes(r50_npz.read_bytes()[:50_000])
-    _fails(capsys, _argv("a", tmp_path, other), "BiT-M-R50x1.npz", "not a readable")
+    _fails(capsys, _argv("a", tmp_path, other), "BiT-M-R50x1.npz", "damaged or truncated .npz archive")
     bad = dict(r50_params)
     bad["resnet/block1/unit02/b/standardized_conv2d/kernel"] = np.zeros((3, 3, 64, 32),
                                                                          np.float32)
