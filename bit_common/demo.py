@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bit_common import checkpoint, registry
 from bit_common.errors import BiTError
+from bit_common.results import plot_curves
 from bit_common.runlog import read_metrics
 from bit_common.weights import download, local_path, model_url
 
@@ -25,20 +26,36 @@ RANDOM_LR = "0.03"  # a random backbone needs a larger step than the rule's 0.00
 
 
 def prepare_weights(model: str, pretrained_dir: Path, offline_dir: Path) -> tuple[Path, bool]:
-    """(folder holding `<model>.npz`, whether it holds the real weights)."""
+    """(folder holding `<model>.npz`, whether it holds the real weights). Tries one download
+    (not with BIT_OFFLINE=1) and leaves no empty folder behind when it fails."""
     if local_path(model, pretrained_dir).is_file():
         return pretrained_dir, True
     if os.environ.get("BIT_OFFLINE") != "1":
+        existed = pretrained_dir.exists()
+        print(f"{model}.npz is not in {pretrained_dir}/: trying to download {model_url(model)} "
+              f"(BIT_OFFLINE=1 skips this).", flush=True)
         try:
             download(model_url(model), local_path(model, pretrained_dir), timeout=10)
             return pretrained_dir, True
         except BiTError:
-            print(f"(could not download {model_url(model)})")
+            print("(the download failed: no network here)")
+            if not existed:
+                _remove_empty_dirs(local_path(model, pretrained_dir).parent, pretrained_dir)
     info = registry.get_model(model)
     path = local_path(model, offline_dir)
     if not path.is_file():
         checkpoint.write_random_checkpoint(path, info.arch, info.num_classes, seed=0)
     return offline_dir, False
+
+
+def _remove_empty_dirs(leaf: Path, top: Path) -> None:
+    """Remove `leaf` and its parents up to `top` while they are empty."""
+    for d in [leaf, *leaf.parents]:
+        if not d.is_dir() or any(d.iterdir()):
+            return
+        d.rmdir()
+        if d == top:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         lr = []
     else:
         print("*** No released weights here and no network: starting from a RANDOM checkpoint "
-              "in the released BiT layout. The run shows the pipeline learning, not BiT's "
-              f"transfer accuracy. Put {registry.get_model(args.model).filename} into "
-              f"{args.bit_pretrained_dir}/ to fine-tune the real model. ***")
+              "in the released BiT layout. The run shows the whole pipeline learning offline, "
+              "not BiT's transfer accuracy. To fine-tune the released model, put "
+              f"{registry.get_model(args.model).filename} into {args.bit_pretrained_dir}/ "
+              f"(`python -m bit_common.weights {args.model} --dir {args.bit_pretrained_dir}` "
+              f"downloads it) and run the same command again. ***")
         lr = ["--base_lr", RANDOM_LR]
     name = f"{args.framework}-{args.model.replace('/', '_')}-{'bit' if real else 'random'}"
     cmd = [sys.executable, "-m", FRAMEWORKS[args.framework], "--name", name, "--model",
@@ -73,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.logdir) / name
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
     if code == 0 and evals:
+        curves = plot_curves([run_dir], run_dir / "curves.png")
         print(f"\nFinal top-1 on digits' test split: {evals[-1]['top1']:.1%} (chance 10%) after "
               f"{evals[-1]['step']} steps.\nLogs: {run_dir}/train.log, metrics: "
-              f"{run_dir}/metrics.jsonl, fine-tuned model: {run_dir}/model.npz")
+              f"{run_dir}/metrics.jsonl, fine-tuned model: {run_dir}/model.npz\n"
+              f"Loss and top-1 against step: {curves}")
     return code
 
 

@@ -2,7 +2,9 @@
 
 Each run folder holds config.json and metrics.jsonl; a run's result is its last evaluation's
 top-1. Runs are grouped by model, dataset, examples per class and framework, and each group is
-shown as `min ← median → max` over its runs (a single run as its value).
+shown as `min ← median → max` over its runs (a single run as its value). The plot is the
+few-shot figure (top-1 against examples per class) where few-shot runs are found, and otherwise
+each run's curves (loss and top-1 against step).
 """
 
 from __future__ import annotations
@@ -77,12 +79,47 @@ def tables(results: list[RunResult]) -> str:
     return "\n".join(out)
 
 
-def plot(results: list[RunResult], path: str | Path) -> Path:
-    """Median top-1 against examples per class, one line per model/dataset/framework (Fig. 1)."""
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    return plt
 
+
+def curves(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+    """A run's curves from its metrics.jsonl, as (steps, values): "train loss", "eval loss"
+    and "eval top-1 [%]"."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    return {"train loss": ([r["step"] for r in train], [r["loss"] for r in train]),
+            "eval loss": ([r["step"] for r in evals], [r["loss"] for r in evals]),
+            "eval top-1 [%]": ([r["step"] for r in evals], [100.0 * r["top1"] for r in evals])}
+
+
+def plot_curves(run_dirs: list[Path], path: str | Path) -> Path:
+    """Loss (left) and top-1 (right) against step, one colour per run, written to `path`."""
+    plt = _pyplot()
+    fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, run_dir in enumerate(run_dirs):
+        c, colour = curves(run_dir), f"C{i % 10}"
+        label = Path(run_dir).name
+        loss_ax.plot(*c["train loss"], color=colour, lw=1, label=f"{label} train")
+        loss_ax.plot(*c["eval loss"], color=colour, ls="--", marker="o", ms=3,
+                     label=f"{label} eval")
+        top1_ax.plot(*c["eval top-1 [%]"], color=colour, marker="o", ms=3, label=label)
+    loss_ax.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
+    top1_ax.set(xlabel="step", ylabel="top-1 accuracy [%]", title="evaluation top-1",
+                ylim=(0, 100))
+    return _save(fig, (loss_ax, top1_ax), bool(run_dirs), path)
+
+
+def plot(results: list[RunResult], path: str | Path) -> Path:
+    """Median top-1 against examples per class, one line per model/dataset/framework (Fig. 1);
+    without few-shot runs, every run's curves instead (`plot_curves`)."""
+    if all(r.examples_per_class is None for r in results):
+        return plot_curves([r.path for r in results], path)
+    plt = _pyplot()
     series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         if r.examples_per_class is not None:
@@ -96,19 +133,27 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
     ax.set_xlabel("examples per class")
     ax.set_ylabel("top-1 accuracy [%]")
     ax.set_title("BiT few-shot transfer")
-    ax.grid(True, alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
+    return _save(fig, (ax,), bool(series), path)
+
+
+def _save(fig, axes: tuple, legend: bool, path: str | Path) -> Path:
+    """Grid (and legend, when anything is drawn) on every axis; the figure written as a PNG."""
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        if legend:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Summarise BiT runs as the README's tables.")
     p.add_argument("logdir")
-    p.add_argument("--plot", default=None, help="write the few-shot plot to this PNG")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG: top-1 against examples per class where there are few-shot "
+                        "runs, otherwise each run's loss and top-1 against step")
     args = p.parse_args(argv)
     results = collect(args.logdir)
     if not results:

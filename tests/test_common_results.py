@@ -46,6 +46,41 @@ def test_plot_and_cli(logdir, tmp_path, capsys):
     assert results.main([str(tmp_path / "empty")]) == 2
 
 
+def _share_of_colour(png, colour: str, columns: slice) -> float:
+    """The fraction of the PNG's pixels, in `columns`, within a few levels of `colour`."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    want = np.asarray(matplotlib.colors.to_rgb(colour))
+    near = np.abs(rgb[:, columns] - want).max(-1) < 0.05
+    return float(near.mean())
+
+
+def test_curves_are_the_runs_metrics_and_the_png_draws_them(logdir, tmp_path):
+    run = logdir / "full"
+    c = results.curves(run)
+    steps, losses = c["train loss"]
+    assert steps == list(range(1, 31)) and len(losses) == 30
+    eval_steps, top1 = c["eval top-1 [%]"]
+    last = results.collect(logdir)
+    assert eval_steps[-1] == 30 and top1[-1] == next(r.top1 for r in last if r.path == run)
+    assert all(0 <= v <= 100 for v in top1)  # percent, as the axis says
+    png = results.plot_curves([run], tmp_path / "curves.png")
+    # The one run's colour is drawn in both panels (loss left, top-1 right); a blank figure
+    # (axes, grid and text only) has none of it.
+    assert _share_of_colour(png, "C0", slice(0, 500)) > 1e-3
+    assert _share_of_colour(png, "C0", slice(560, None)) > 1e-4
+    blank = results.plot_curves([], tmp_path / "blank.png")
+    assert _share_of_colour(blank, "C0", slice(None)) < 1e-5
+
+
+def test_plot_of_full_data_runs_is_their_curves(logdir, tmp_path):
+    full = [r for r in results.collect(logdir) if r.examples_per_class is None]
+    png = results.plot(full, tmp_path / "full.png")
+    assert _share_of_colour(png, "C0", slice(0, 500)) > 1e-3
+
+
 def test_summary_format():
     assert results.summary([3.0, 1.0, 2.0]) == "1.0 ← 2.0 → 3.0"
     assert results.summary([97.25]) == "97.2"
@@ -89,3 +124,42 @@ def test_demo_uses_real_weights_when_present_else_says_random(tmp_path, monkeypa
     from bit_common import checkpoint
     arch, params = checkpoint.load_params(folder / "BiT-S-R50x1.npz")
     assert arch.name == "R50x1" and params[checkpoint.HEAD_BIAS].shape == (1000,)
+
+
+def test_demo_writes_the_runs_curves_and_prints_where(tmp_path, monkeypatch, capsys, logdir):
+    """The demo's training command is replaced by one that leaves a finished run's files."""
+    import shutil
+
+    from bit_common import demo
+
+    monkeypatch.setenv("BIT_OFFLINE", "1")
+
+    def fake_training(cmd):
+        name = cmd[cmd.index("--name") + 1]
+        shutil.copytree(logdir / "full", tmp_path / "runs" / name)
+        return 0
+
+    monkeypatch.setattr(demo.subprocess, "call", fake_training)
+    monkeypatch.setattr(demo.checkpoint, "write_random_checkpoint", lambda *a, **k: None)
+    assert demo.main(["--framework", "jax", "--logdir", str(tmp_path / "runs"),
+                      "--bit_pretrained_dir", str(tmp_path / "none")]) == 0
+    png = tmp_path / "runs" / "jax-BiT-M-R50x1-random" / "curves.png"
+    assert f"Loss and top-1 against step: {png}" in capsys.readouterr().out
+    assert _share_of_colour(png, "C0", slice(0, 500)) > 1e-3
+
+
+def test_demo_says_what_it_tries_and_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    from bit_common import demo
+
+    monkeypatch.delenv("BIT_OFFLINE", raising=False)
+    monkeypatch.setenv("BIT_MODELS_URL", "http://127.0.0.1:9/none")  # refused at once, offline
+    monkeypatch.setattr(demo.checkpoint, "write_random_checkpoint", lambda *a, **k: None)
+    weights = tmp_path / "weights"
+    assert demo.prepare_weights("BiT-M-R50x1", weights, tmp_path / "rand") == (
+        tmp_path / "rand", False)
+    out = capsys.readouterr().out
+    assert "trying to download http://127.0.0.1:9/none/" in out and "BIT_OFFLINE=1" in out
+    assert not weights.exists()
+    weights.mkdir()  # a folder the user made stays
+    demo.prepare_weights("BiT-M-R50x1", weights, tmp_path / "rand")
+    assert weights.is_dir()

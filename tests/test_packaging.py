@@ -78,3 +78,11 @@ def test_the_installed_metadata_has_the_extras():
                 by_extra.setdefault(extra, set()).add(f"{req.name}{sorted(req.extras)}")
     assert "jax['cuda12']" in by_extra["cuda"] and "jax['cuda12']" in by_extra["jax-cuda"]
     assert "tensorflow['and-cuda']" in by_extra["tf2-cuda"]
+
+
+def test_every_install_can_plot():
+    """The curves `make demo` and `bit_common.results --plot` draw need matplotlib, which each
+    framework's extra brings through the base requirements."""
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    base = {Requirement(r).name for r in table["project"]["dependencies"]}
+    assert "matplotlib" in base
