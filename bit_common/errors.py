@@ -38,12 +38,8 @@ class PeerLostError(BiTError):
     """Another process of a multi-process run stopped, so this one cannot go on."""
 
     def __init__(self, detail: str):
-        super().__init__(peer_lost_message(detail))
-
-
-def peer_lost_message(detail: str) -> str:
-    """The one message every framework gives when a process of a multi-process run is lost."""
-    return (f"Another process of this multi-process run stopped ({detail}), so this one stops "
+        super().__init__(
+            f"Another process of this multi-process run stopped ({detail}), so this one stops "
             f"too. The last checkpoint of the run is intact: start every process with the same "
             f"command again to resume.")
 

@@ -253,14 +253,13 @@ def main(framework: Framework, argv: list[str] | None = None) -> int:
         runtime.configure(framework.name, precision=args.precision)
         processes = framework.start(RunConfig.from_args(args))
         try:
-            code = Trainer(args, framework).run()
+            return Trainer(args, framework).run()
         except BaseException as e:
             if processes > 1:
-                _end_multi_process(e)
-            framework.stop()
+                _end_multi_process(e)  # os._exit: the `finally` does not leave the run
             raise
-        framework.stop()
-        return code
+        finally:
+            framework.stop()
     except BiTError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
