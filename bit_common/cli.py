@@ -79,6 +79,12 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="Compute precision on accelerators (bf16/fp16 mixed precision); "
                         "parameters stay float32.")
+    p.add_argument("--verify_images", action="store_true",
+                   help="Decode every image file of both splits before the first step (a "
+                        "progress bar), so that none fails mid-run.")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="Leave out image files that do not decode, with a warning naming each "
+                        "and their count (implies --verify_images).")
     return p
 
 

@@ -28,7 +28,8 @@ from typing import Any, NoReturn
 import numpy as np
 
 from bit_common import checkpoint, cli, hyperrule, registry, runtime
-from bit_common.datasets import DatasetInfo, Split, get_dataset, image_hw
+from bit_common.datasets import (DatasetInfo, Split, get_dataset, image_hw,
+                                 pillow_image_problem, verify_images)
 from bit_common.errors import BiTError, CheckpointError, DataError
 from bit_common.fewshot import sample_few_shot
 from bit_common.plan import InputPlan
@@ -81,6 +82,7 @@ class RunConfig:
     precision: str
     datadir: str | None = None
     tfds_manual_dir: str | None = None
+    skip_bad_images: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -164,6 +166,11 @@ class Framework(ABC):
     def make_backend(self, setup: RunSetup) -> Backend:
         """The backend that trains `setup`."""
 
+    def image_problem(self, path: str) -> str | None:
+        """Why the image file at `path` does not decode in this framework's pipeline, or None
+        (--verify_images); the default decodes with Pillow."""
+        return pillow_image_problem(path)
+
 
 class PackageFramework(Framework):
     """A framework package laid out as the three are: `bit_<name>.data.load_splits`, and
@@ -193,6 +200,9 @@ class PackageFramework(Framework):
     def make_backend(self, setup: RunSetup) -> Backend:
         return getattr(self._module("backend"), self._backend_class)(setup)
 
+    def image_problem(self, path: str) -> str | None:
+        return self._module("data").image_problem(path)
+
 
 def check_flags(args: argparse.Namespace) -> tuple[registry.ModelInfo, DatasetInfo]:
     """Every check of the flags that needs no file and no framework: (model, dataset)."""
@@ -219,6 +229,11 @@ def make_setup(args: argparse.Namespace, framework: Framework,
                                                                 args.bit_pretrained_dir)
     config = RunConfig.from_args(args)
     train, evaluation = framework.load_splits(config, info)
+    if args.verify_images or args.skip_bad_images:
+        train, evaluation = (
+            verify_images(split, framework.image_problem, args.skip_bad_images, what,
+                          threads=max(1, args.workers))
+            for split, what in ((train, "training"), (evaluation, "evaluation")))
     num_classes = info.num_classes or len(train.class_names)
     if args.examples_per_class:
         indices = sample_few_shot(train.labels, args.examples_per_class,
@@ -302,6 +317,9 @@ class Trainer:
             resume.pop("meta/config")
             backend.set_state(resume)
         _check_all_resume(backend, run_dir, start)
+        # The first batch before the run folder: an image that does not decode there (the
+        # common case: few-shot runs touch most files in their first steps) writes nothing.
+        batches = _prefetched(backend.train_batches(start)) if start < setup.end_step else None
         run_dir_or_none = run_dir if backend.is_chief else None
         if run_dir_or_none:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +329,7 @@ class Trainer:
         log = RunLog(run_dir_or_none, resume_step=start, echo=backend.is_chief)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._train(backend, setup, log, run_dir, start)
+            return self._train(backend, batches, setup, log, run_dir, start)
         finally:
             log.close()
             for sig, handler in previous.items():
@@ -337,7 +355,11 @@ class Trainer:
                 f"The run folder's checkpoint {path} cannot be resumed from ({type(e).__name__}: "
                 f"{e}): it is not a checkpoint this project wrote. {keep}") from None
         now = _resume_config(self.args)
-        diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+        # A key the checkpoint lacks (written before the flag existed) had the flag's default.
+        defaults = _resume_config(cli.build_parser(self.framework.name).parse_args(
+            ["--name", "x", "--model", "x", "--logdir", "x", "--dataset", "x"]))
+        saved = {k: saved.get(k, defaults[k]) for k in now}
+        diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if diff:
             desc = ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(
@@ -346,8 +368,8 @@ class Trainer:
         return state
 
     # ---- the loop ----------------------------------------------------------------------
-    def _train(self, backend: Backend, setup: RunSetup, log: RunLog, run_dir: Path,
-               start: int) -> int:
+    def _train(self, backend: Backend, batches: Iterator[tuple[int, Any]] | None,
+               setup: RunSetup, log: RunLog, run_dir: Path, start: int) -> int:
         args, n, end = self.args, setup.plan.num_examples, setup.end_step
         if start >= end:
             log.info(f"Run {run_dir} already reached step {start}; nothing to do.")
@@ -358,7 +380,6 @@ class Trainer:
                  f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else ""))
         save_every = args.save_every or args.eval_every
         self._install_signal_handlers()
-        batches = backend.train_batches(start)
         step_times: list[float] = []
         for step in range(start, end):
             lr = hyperrule.get_lr(step, n, args.base_lr)
@@ -415,6 +436,17 @@ class Trainer:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
+
+
+def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
+    """`it` with its first item already taken (errors in making it raised now)."""
+    first = next(it)
+
+    def chained() -> Iterator[Any]:
+        yield first
+        yield from it
+
+    return chained()
 
 
 def _check_all_resume(backend: Backend, run_dir: Path, start: int) -> None:

@@ -13,6 +13,12 @@ settings (the three CLIs through `bit_common.loop.main`, the bench, the test sui
 - jax: CPU computations run inline, so a step's scratch buffer is freed before the next step
   allocates its own and the kept heap holds one.
 - jax without tf2: TensorFlow sees no GPU; tf.data only feeds JAX, which owns the accelerators.
+- jax, tf2: the C++ log lines of TensorFlow and XLA (oneDNN banner, CPU feature notice, XLA
+  service start, a libjpeg complaint per damaged image) stay out of the terminal
+  (`TF_CPP_MIN_LOG_LEVEL=3` unless set; `TF_CPP_MIN_LOG_LEVEL=0` shows them): a failing op
+  still raises its error in Python, which the command reports. The banners TensorFlow's
+  libraries print while they load, before reading that variable, are filtered out of stderr
+  during its import (nothing else it prints there is dropped).
 - tf2: TensorFlow's oneDNN kernels (`TF_ENABLE_ONEDNN_OPTS=1` unless set; read when TensorFlow
   is first imported). TensorFlow enables them itself only on AVX-512 VNNI CPUs; elsewhere its
   Eigen convolutions made a step 1.37x slower.
@@ -30,13 +36,15 @@ environment overrides of a backend's defaults (BIT_TF2_JIT, BIT_JAX_WINOGRAD, BI
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
 import os
 import platform
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 
 # mallopt parameters of glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -124,6 +132,7 @@ JAX_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
 JAX_CACHE_MAX_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
 JAX_CACHE_MAX_BYTES = 2 << 30
 ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
 
 
 def default_jax_cache_dir() -> str:
@@ -137,6 +146,8 @@ def configure(frameworks: str | Iterable[str], precision: str = "fp32") -> None:
     names get none). Call it before the frameworks run anything; `precision` is the run's
     --precision (TF32 stays at its defaults under mixed precision)."""
     names = {frameworks} if isinstance(frameworks, str) else set(frameworks)
+    if names & {"jax", "tf2"}:
+        os.environ.setdefault(TF_LOG_LEVEL_ENV, "3")  # read when jaxlib and TensorFlow load
     if "jax" in names:
         retain_freed_memory()  # first: before any framework starts threads
     if "pytorch" in names:
@@ -175,8 +186,36 @@ def _configure_jax() -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+_TF_BANNERS = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+               "cpu_feature_guard", "To enable the following instructions")
+
+
+@contextlib.contextmanager
+def _without_load_banners(enabled: bool) -> Iterator[None]:
+    """Drop TensorFlow's load-time banners (`_TF_BANNERS`) from what the block writes to the
+    process's stderr (file descriptor 2: native libraries write there); the rest is kept."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(x for x in lines if not any(b in x for b in _TF_BANNERS)))
+            sys.stderr.flush()
+
+
 def _configure_tensorflow(gpus: bool, fp32: bool) -> None:
-    import tensorflow as tf
+    quiet = "tensorflow" not in sys.modules and os.environ.get(TF_LOG_LEVEL_ENV) != "0"
+    with _without_load_banners(quiet):
+        import tensorflow as tf
 
     try:
         if not gpus:

@@ -3,8 +3,8 @@ official BiT code did), so the two frameworks see identical batches. `batches` i
 dataset as numpy arrays, turning an unreadable image file into a DataError naming it. Importing
 this module imports TensorFlow's data API; `bit_jax.models` does not."""
 
-from bit_tfdata.pipeline import (batches, eval_dataset, load_splits, preprocess_eval,
-                                 preprocess_train, train_dataset)
+from bit_tfdata.pipeline import (batches, eval_dataset, image_problem, load_splits,
+                                 preprocess_eval, preprocess_train, train_dataset)
 
-__all__ = ["batches", "eval_dataset", "load_splits", "preprocess_eval", "preprocess_train",
-           "train_dataset"]
+__all__ = ["batches", "eval_dataset", "image_problem", "load_splits", "preprocess_eval",
+           "preprocess_train", "train_dataset"]

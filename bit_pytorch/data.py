@@ -91,19 +91,13 @@ def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
     if name == "oxford_flowers102":
         return _flowers(root, "train"), _flowers(root, "test")
     if name in ("imagenet2012", "imagefolder", "digits"):
-        train = datasets.load_folder_or_digits(info, config.datadir, train=True)
-        return train, datasets.load_folder_or_digits(info, config.datadir, train=False,
-                                                     class_names=train.class_names or None)
+        return datasets.local_splits(info, config.datadir, config.skip_bad_images)
     raise DataError(f"The PyTorch pipeline has no loader for dataset {name!r}.")
 
 
 # ---- preprocessing ----------------------------------------------------------------------------
-def decode(path: str) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3]."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
+decode = datasets.pillow_decode  # an image file as uint8 RGB [H, W, 3]
+image_problem = datasets.pillow_image_problem  # why `decode` fails on a file, or None
 
 
 def resize(image: np.ndarray, size: int) -> torch.Tensor:
@@ -173,8 +167,8 @@ class _SplitImages:
         try:
             return decode(path)
         except Exception as e:  # reported in the main process as a DataError naming the file
-            raise _Unreadable(f"Cannot decode image {path} ({type(e).__name__}: {e}). "
-                              f"Remove or replace the file.") from None
+            raise _Unreadable(datasets.undecodable_message(path, f"{type(e).__name__}: {e}")
+                              ) from None
 
 
 class _Unreadable(Exception):

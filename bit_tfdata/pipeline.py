@@ -19,9 +19,10 @@ Where the images come from:
 - `digits`: uint8 arrays in memory (`Split.images`).
 - `imagefolder` (and `imagenet2012` when --datadir holds `train/` and `val/` folders): files
   (`Split.paths`), read and decoded with `tf.io.decode_image(channels=3,
-  expand_animations=False)`. Decoding runs in a `tf.py_function` so that a corrupt or
-  unreadable file fails with an error that names it ("Cannot read image <path>: ...");
-  `batches()` turns that error into a `DataError`.
+  expand_animations=False)` in a `tf.py_function`. A file that does not decode gives a 1x1
+  placeholder image and its message in the batch's `error` (TensorFlow would print the
+  py_function's traceback for a raised error); `batches()` raises it as a `DataError` naming
+  the file, before the batch is used.
 - tfds datasets: a `TfdsSplit` (a `Split` with the labels and what is needed to re-read examples
   by index). Labels are read with the image feature skipped (`SkipDecoding`), so few-shot sampling
   never decodes an image. Random access by index:
@@ -50,14 +51,12 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from bit_common.datasets import DatasetInfo, Split, load_folder_or_digits
+from bit_common.datasets import DatasetInfo, Split, local_splits, undecodable_message
 from bit_common.errors import DataError
 from bit_common.loop import RunConfig, RunSetup
 
 AUTOTUNE = tf.data.AUTOTUNE
 IN_MEMORY_BYTES = int(os.environ.get("BIT_TFDS_IN_MEMORY_BYTES", 4 << 30))
-_BAD_IMAGE = "Cannot read image"
-_BAD_IMAGE_RE = re.compile(_BAD_IMAGE + r" .*?Replace or remove the file\.", re.S)
 
 
 # ---- splits ------------------------------------------------------------------------------------
@@ -75,9 +74,7 @@ def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
     """The full training split and the evaluation split (digits 'test', imagefolder 'val',
     tfds `info.eval_split`): labels, plus images in memory, file paths or a tfds handle."""
     if info.name == "digits" or _image_folders(config, info):
-        train = load_folder_or_digits(info, config.datadir, train=True)
-        return train, load_folder_or_digits(info, config.datadir, train=False,
-                                            class_names=train.class_names or None)
+        return local_splits(info, config.datadir, config.skip_bad_images)
     if info.tfds_name:
         builder = _tfds_builder(config, info)
         return _load_tfds(builder, info, info.train_split), _load_tfds(builder, info,
@@ -194,25 +191,60 @@ def _decode_bytes(data: tf.Tensor) -> tf.Tensor:
     return img
 
 
-def _read_file_py(path: tf.Tensor) -> tf.Tensor:
+def _decode_file(path: str) -> tf.Tensor:
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def _op_problem(e: tf.errors.OpError) -> str:
+    """A TensorFlow op error as `<Class>: <message>`, without the op and device names."""
+    message = re.sub(r"\{\{.*?\}\}\s*", "", e.message or "")
+    message = re.sub(r"\s*\[Op:.*$", "", message, flags=re.S).strip()
+    return f"{type(e).__name__}: {message}"
+
+
+def image_problem(path: str) -> str | None:
+    """Why this pipeline cannot decode the image file at `path`, or None (--verify_images)."""
+    try:
+        _decode_file(path)
+    except tf.errors.OpError as e:
+        return _op_problem(e)
+    return None
+
+
+_PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+
+
+def _read_file_py(path: tf.Tensor) -> tuple[tf.Tensor, str]:
     name = path.numpy().decode("utf-8", "replace")
     try:
-        return tf.io.decode_image(tf.io.read_file(name), channels=3, expand_animations=False)
+        return _decode_file(name), ""
     except tf.errors.OpError as e:
-        raise ValueError(f"{_BAD_IMAGE} {name}: {e.message.strip()}. Replace or remove the "
-                         f"file.") from None
+        return tf.constant(_PLACEHOLDER), undecodable_message(name, _op_problem(e))
 
 
-def _read_file(path: tf.Tensor) -> tf.Tensor:
-    img = tf.py_function(_read_file_py, [path], tf.uint8)
+def _read_file(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    img, error = tf.py_function(_read_file_py, [path], (tf.uint8, tf.string))
     img.set_shape([None, None, 3])
-    return img
+    error.set_shape([])
+    return img, error
+
+
+def _without_error(fetch: Callable[[tf.Tensor], tf.Tensor]
+                   ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    return lambda i: (fetch(i), tf.constant(""))
+
+
+def _first_error(errors: tf.Tensor) -> tf.Tensor:
+    """The first non-empty message of a batch's [B] `error` strings, or ""."""
+    bad = tf.boolean_mask(errors, tf.strings.length(errors) > 0)
+    return tf.cond(tf.size(bad) > 0, lambda: bad[0], lambda: tf.constant(""))
 
 
 class _Source:
-    """Maps split indices to positions (numpy) and positions to uint8 [H, W, 3] images (tf)."""
+    """Maps split indices to positions (numpy) and positions to (uint8 [H, W, 3] image, error
+    message or "") (tf)."""
 
-    def __init__(self, fetch: Callable[[tf.Tensor], tf.Tensor],
+    def __init__(self, fetch: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]],
                  kept: np.ndarray | None = None):
         self.fetch = fetch
         self.kept = kept  # sorted split indices held, or None for all
@@ -227,7 +259,7 @@ def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
     """Random access to the images of `split` (`needed`: split indices the caller will ask for)."""
     if split.images is not None:
         images = tf.constant(_rgb_uint8(split.images))
-        return _Source(lambda i: tf.gather(images, i))
+        return _Source(_without_error(lambda i: tf.gather(images, i)))
     if split.paths is not None:
         paths = tf.constant(split.paths, tf.string)
         return _Source(lambda i: _read_file(tf.gather(paths, i)))
@@ -235,7 +267,7 @@ def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
         raise DataError(f"The {what} split holds neither images, paths nor a tfds handle.")
     if split.encoded is not None:
         encoded = tf.constant(split.encoded, tf.string)
-        return _Source(lambda i: _decode_bytes(tf.gather(encoded, i)))
+        return _Source(_without_error(lambda i: _decode_bytes(tf.gather(encoded, i))))
     return _large_tfds_source(split, needed, what)
 
 
@@ -251,8 +283,8 @@ def _large_tfds_source(split: TfdsSplit, needed: np.ndarray | None, what: str) -
         def get(i: np.ndarray) -> bytes:
             return records[int(i)]["image"]
 
-        return _Source(lambda i: _decode_bytes(
-            tf.reshape(tf.numpy_function(get, [i], tf.string, stateful=False), [])))
+        return _Source(_without_error(lambda i: _decode_bytes(
+            tf.reshape(tf.numpy_function(get, [i], tf.string, stateful=False), []))))
     wanted = np.unique(np.arange(len(split)) if needed is None else needed)
     total = _split_bytes(split.builder, split.split_name)
     if total * len(wanted) / max(len(split), 1) > IN_MEMORY_BYTES:
@@ -266,7 +298,7 @@ def _large_tfds_source(split: TfdsSplit, needed: np.ndarray | None, what: str) -
     lookup[wanted] = True
     _, encoded, kept = _read_tfds(split.builder, split.split_name, keep=lambda idx: lookup[idx])
     enc = tf.constant(encoded, tf.string)
-    return _Source(lambda i: _decode_bytes(tf.gather(enc, i)), kept)
+    return _Source(_without_error(lambda i: _decode_bytes(tf.gather(enc, i))), kept)
 
 
 # ---- the preprocessing ops (shared by the datasets and the numpy conveniences) --------------
@@ -334,13 +366,14 @@ def train_dataset(setup: RunSetup, start_step: int, shards: int = 1) -> tf.data.
         return ex
 
     def load(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = _train_image(source.fetch(ex.pop("pos")), resize, crop, ex.pop("offset"),
-                             ex.pop("flip"))
-        return {"image": image, **ex}
+        image, error = source.fetch(ex.pop("pos"))
+        image = _train_image(image, resize, crop, ex.pop("offset"), ex.pop("flip"))
+        return {"image": image, "error": error, **ex}
 
     def finish(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": b["image"], "label": b["label"], "mixup_lambda": b["mixup_lambda"][0],
-                "mixup_perm": b["mixup_perm"], "step": b["step"][0]}
+                "mixup_perm": b["mixup_perm"], "step": b["step"][0],
+                "error": _first_error(b["error"])}
 
     ds = tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
     ds = ds.map(plan_tf).unbatch()
@@ -370,7 +403,8 @@ def eval_dataset(setup: RunSetup, batch_size: int) -> tf.data.Dataset:
                                       decoders={"image": tfds.decode.SkipDecoding()})
         ds = tf.data.Dataset.zip((ds.map(lambda ex: ex["image"]),
                                   tf.data.Dataset.from_tensor_slices(labels)))
-        fetch: Callable[[tf.Tensor], tf.Tensor] = _decode_bytes
+        fetch: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] = \
+            _without_error(_decode_bytes)
     else:
         source = _source(split, None, "evaluation")
         ds = tf.data.Dataset.zip((tf.data.Dataset.range(n),
@@ -378,34 +412,31 @@ def eval_dataset(setup: RunSetup, batch_size: int) -> tf.data.Dataset:
         fetch = source.fetch
 
     def load(item: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"image": _eval_image(fetch(item), crop), "label": label,
-                "mask": tf.constant(1.0, tf.float32)}
+        image, error = fetch(item)
+        return {"image": _eval_image(image, crop), "label": label,
+                "mask": tf.constant(1.0, tf.float32), "error": error}
 
     ds = ds.map(load, num_parallel_calls=_num_calls(setup), deterministic=True)
     pad = -n % batch_size
     if pad:
         blank = {"image": tf.zeros([crop, crop, 3], tf.float32),
-                 "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)}
+                 "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32),
+                 "error": tf.constant("")}
         ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
     ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda b: {**b, "error": _first_error(b["error"])})
     return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
 # ---- iteration with readable errors -----------------------------------------------------------
 def batches(ds: tf.data.Dataset, numpy: bool = True) -> Iterator[dict[str, Any]]:
-    """Iterate `ds` (as numpy arrays, or tf tensors with numpy=False); an unreadable image file
-    becomes a `DataError` naming the file instead of a TensorFlow traceback."""
-    it = iter(ds)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except tf.errors.OpError as e:
-            m = _BAD_IMAGE_RE.search(e.message or "")
-            if m:
-                raise DataError(m.group(0)) from None
-            raise
+    """Iterate `ds` (as numpy arrays, or tf tensors with numpy=False) without its `error`; a
+    batch holding an image file that did not decode raises that file's `DataError` instead."""
+    for batch in ds:
+        batch = dict(batch)
+        error = batch.pop("error", None)
+        if error is not None and (message := error.numpy().decode("utf-8", "replace")):
+            raise DataError(message)
         yield tf.nest.map_structure(lambda t: t.numpy(), batch) if numpy else batch
 
 

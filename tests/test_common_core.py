@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bit_common import cli, hyperrule, precision, registry
-from bit_common.datasets import get_dataset, image_hw, load_digits, scan_image_folder
+from bit_common.datasets import (get_dataset, header_problem, image_hw, load_digits,
+                                 pillow_image_problem, scan_image_folder, verify_images)
 from bit_common.errors import BiTError, DataError
 from bit_common.fewshot import sample_few_shot
 from bit_common.plan import InputPlan
@@ -201,6 +202,83 @@ def test_image_folder_errors(tmp_path):
     _write_image(tmp_path / "val" / "a" / "0.png")
     with pytest.raises(DataError, match="same class folders"):
         scan_image_folder(tmp_path, "val", class_names=["a", "b"])
+
+
+def _jpeg_bytes(hw=(40, 40), seed=0) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*hw, 3), np.uint8)).save(
+        buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_image_headers_are_checked_when_the_folder_is_listed(tmp_path):
+    good = _jpeg_bytes()
+    cases = {"good.jpg": good, "random.jpg": b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(2000),
+             "cut.jpg": good[:100], "zero.png": None, "ok.png": None}
+    for name, data in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    _write_image(tmp_path / "ok.png", fmt="PNG")
+    zero = bytearray((tmp_path / "ok.png").read_bytes())
+    zero[16:20] = b"\0\0\0\0"  # IHDR width 0
+    (tmp_path / "zero.png").write_bytes(bytes(zero))
+    problems = {name: header_problem(tmp_path / name) for name in cases}
+    assert problems["good.jpg"] is None and problems["ok.png"] is None
+    assert "runs past the end of the file" in problems["random.jpg"]
+    assert "runs past the end of the file" in problems["cut.jpg"]
+    assert "zero width or height" in problems["zero.png"]
+    # A JPEG cut inside its compressed data passes the header check; only decoding finds it.
+    (tmp_path / "half.jpg").write_bytes(good[:len(good) // 2])
+    assert header_problem(tmp_path / "half.jpg") is None
+    assert "truncated" in pillow_image_problem(str(tmp_path / "half.jpg"))
+
+
+def _folder_with(tmp_path, broken: dict[str, bytes]):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            for i in range(2):
+                (tmp_path / split / cls).mkdir(parents=True, exist_ok=True)
+                (tmp_path / split / cls / f"{i}.jpg").write_bytes(_jpeg_bytes(seed=i))
+    for rel, data in broken.items():
+        (tmp_path / rel).write_bytes(data)
+    return tmp_path
+
+
+def test_an_image_with_a_broken_header_stops_the_listing_or_is_skipped(tmp_path):
+    import io
+    bad = b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(500)
+    root = _folder_with(tmp_path, {"train/a/bad.jpg": bad, "train/b/bad2.jpg": bad})
+    with pytest.raises(DataError) as e:
+        scan_image_folder(root, "train")
+    message = str(e.value)
+    assert message.startswith(f"Cannot decode image {root / 'train/a/bad.jpg'} (corrupt")
+    assert "--skip_bad_images" in message and "1 more images" in message
+    warn = io.StringIO()
+    split = scan_image_folder(root, "train", warn=warn, skip_bad=True)
+    assert len(split.paths) == 4 and not any("bad" in p for p in split.paths)
+    assert "leaving out" in warn.getvalue() and "left out 2 image(s)" in warn.getvalue()
+
+
+def test_verify_images_decodes_everything_and_skips_or_names_what_fails(tmp_path):
+    import io
+    half = _jpeg_bytes()[:800]
+    root = _folder_with(tmp_path, {"train/b/half.jpg": half})
+    split = scan_image_folder(root, "train")  # the header is fine: listed
+    assert len(split.paths) == 5
+    with pytest.raises(DataError, match=r"Cannot decode image .*half\.jpg \(OSError: image file is "
+                                        r"truncated"):
+        verify_images(split, pillow_image_problem, skip=False, what="training")
+    warn = io.StringIO()
+    kept = verify_images(split, pillow_image_problem, skip=True, what="training", warn=warn)
+    assert kept.paths == [p for p in split.paths if "half" not in p]
+    assert kept.labels.tolist() == [0, 0, 1, 1] and "left out 1 image(s)" in warn.getvalue()
+    for f in (root / "train" / "b").glob("[01].jpg"):
+        f.write_bytes(half)  # now no image of class b decodes
+    with pytest.raises(DataError, match="No image of class 'b'"):
+        verify_images(scan_image_folder(root, "train"), pillow_image_problem, skip=True,
+                      what="training", warn=io.StringIO())
 
 
 def readme_cli_block() -> str:

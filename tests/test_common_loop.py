@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from bit_common import checkpoint, cli, loop
-from bit_common.datasets import load_digits
+from bit_common.datasets import load_digits, undecodable_message
+from bit_common.errors import DataError
 from bit_common.runlog import read_metrics
 
 HEAD_K, HEAD_B = checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS
@@ -24,7 +25,7 @@ HEAD_K, HEAD_B = checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS
 class NumpyHead(loop.Backend):
     """Softmax regression on pixels padded to the feature width, as a stand-in backbone."""
 
-    faults: dict[int, str] = {}  # step -> "nan" | "sigterm" | "wrong batch"
+    faults: dict[int, str] = {}  # step -> "nan" | "sigterm" | "wrong batch" | "bad image"
 
     def __init__(self, setup: loop.RunSetup):
         self.setup = setup
@@ -39,6 +40,8 @@ class NumpyHead(loop.Backend):
         for s in itertools.count(start_step):
             idx = self.setup.train_indices[self.setup.plan.batch_plan(s).indices]
             got = s + 1 if self.faults.get(s) == "wrong batch" else s
+            if self.faults.get(s) == "bad image":
+                raise DataError(undecodable_message("/data/x.jpg", "OSError: broken"))
             yield got, (s, self._features(self.setup.train.images[idx]),
                         self.setup.train.labels[idx])
 
@@ -107,6 +110,10 @@ def run(tmp_path, r50_npz, capsys):
     return go
 
 
+def train_steps(run_dir):
+    return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+
+
 def state_of(run_dir):
     with np.load(run_dir / loop.CHECKPOINT) as f:
         return {k: f[k] for k in f.files}
@@ -165,6 +172,24 @@ def test_sigterm_saves_and_the_same_command_resumes(run, capsys):
     assert all(np.array_equal(a[k], b[k]) for k in a if k != "meta/config")
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6, 6]  # six train records and the final eval
+
+
+def test_an_image_that_fails_mid_run_keeps_the_checkpoint_and_the_same_command_resumes(run):
+    code, err, run_dir = run("--steps", "6", "--save_every", "2", name="img",
+                             faults={4: "bad image"})
+    assert code == 2 and err.startswith("error: Cannot decode image /data/x.jpg (OSError")
+    assert err.count("\n") == 1 and int(state_of(run_dir)["meta/step"]) == 4
+    assert train_steps(run_dir) == [1, 2, 3, 4]
+    assert run("--steps", "6", "--save_every", "2", name="img")[0] == 0  # the file fixed
+    assert run("--steps", "6", "--save_every", "2", name="ref")[0] == 0
+    a, b = state_of(run_dir), state_of(run_dir.parent / "ref")
+    assert all(np.array_equal(a[k], b[k]) for k in a if k != "meta/config")
+    assert train_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_first_batch_that_fails_writes_no_run_folder(run):
+    code, err, run_dir = run("--steps", "6", name="first", faults={0: "bad image"})
+    assert code == 2 and "Cannot decode image" in err and not run_dir.exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run):

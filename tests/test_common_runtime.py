@@ -80,9 +80,10 @@ print(repeat, rss_repeat, grown, rss_grown, trimmer.after_step())
 """
 
 
-def _child(code: str, *args: str, unset: str = "", **env: str) -> str:
+def _child(code: str, *args: str, unset: str | tuple[str, ...] = (), **env: str) -> str:
     """The last line a fresh interpreter prints; `env` added to, `unset` removed from, ours."""
-    child_env = {k: v for k, v in os.environ.items() if k != unset} | env
+    unset = (unset,) if isinstance(unset, str) else unset
+    child_env = {k: v for k, v in os.environ.items() if k not in unset} | env
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                          env=child_env, check=True)
     return out.stdout.strip().splitlines()[-1]
@@ -109,6 +110,30 @@ def test_configure_turns_on_onednn_unless_the_user_chose():
             "print(port.IsMklEnabled())")
     assert _child(code, unset="TF_ENABLE_ONEDNN_OPTS") == "True"
     assert _child(code, TF_ENABLE_ONEDNN_OPTS="0") == "False"
+
+
+def test_configure_keeps_tensorflows_start_up_logging_out_unless_asked_for():
+    """The oneDNN banner (printed while TensorFlow loads) and the C++ log lines are gone;
+    TF_CPP_MIN_LOG_LEVEL=0 brings them back, and what else reaches stderr is kept."""
+    pytest.importorskip("tensorflow")
+    code = ("import sys\nfrom bit_common import runtime\nruntime.configure('tf2')\n"
+            "import tensorflow as tf\nsys.stderr.write('kept\\n')\n"
+            "jpeg = tf.io.encode_jpeg(tf.random.uniform([64, 64, 3], 0, 255, tf.int32, seed=1)"
+            ".numpy().astype('uint8')).numpy()\n"
+            "try:\n    tf.io.decode_image(jpeg[:len(jpeg) * 4 // 5])  # logs an error line\n"
+            "except tf.errors.OpError as e:\n    print(type(e).__name__)")
+
+    def stderr(**env: str) -> str:
+        child_env = {k: v for k, v in os.environ.items()
+                     if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")} | env
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=child_env, check=True)
+        assert out.stdout.strip() == "InvalidArgumentError"
+        return out.stderr
+
+    assert stderr() == "kept\n"
+    loud = stderr(TF_CPP_MIN_LOG_LEVEL="0")
+    assert "oneDNN custom operations are on" in loud and "kept\n" in loud
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
@@ -193,7 +218,8 @@ from bit_common import runtime
 print(json.dumps({
     "kept_heap": runtime._kept_heap_libc is not None,
     "env": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "JAX_COMPILATION_CACHE_DIR",
-                                           "JAX_COMPILATION_CACHE_MAX_SIZE")},
+                                           "JAX_COMPILATION_CACHE_MAX_SIZE",
+                                           "TF_CPP_MIN_LOG_LEVEL")},
     "jax_cache": jax.config.jax_compilation_cache_dir,
     "jax_async": jax.config.values["jax_cpu_enable_async_dispatch"],
     "tf_tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
@@ -210,7 +236,7 @@ def _settings(before: str) -> dict:
     import json
     env = {"XDG_CACHE_HOME": "/nonexistent"}
     return json.loads(_child(f"import torchvision\n{before}\n{SETTINGS}",
-                             unset="JAX_COMPILATION_CACHE_DIR", **env))
+                             unset=("JAX_COMPILATION_CACHE_DIR", "TF_CPP_MIN_LOG_LEVEL"), **env))
 
 
 def test_importing_our_packages_changes_nothing_process_wide():
@@ -219,9 +245,9 @@ def test_importing_our_packages_changes_nothing_process_wide():
         pytest.importorskip(name)
     imports = "\n".join(f"import {m}" for m in OUR_MODULES)
     untouched = _settings("import os")
-    untouched["env"].pop("TF_ENABLE_ONEDNN_OPTS")  # the test run's own environment may set it
     after = _settings(imports)
-    after["env"].pop("TF_ENABLE_ONEDNN_OPTS")
+    for settings in (untouched, after):  # the test run's own environment may set it
+        settings["env"].pop("TF_ENABLE_ONEDNN_OPTS")
     assert after == untouched
     assert not untouched["kept_heap"] and untouched["jax_cache"] is None
     assert untouched["jax_async"] is True and untouched["tf_tf32"] is True
@@ -239,3 +265,4 @@ def test_configure_applies_each_setting():
     assert got["jax_async"] is False and got["tf_tf32"] is False
     assert got["torch_tf32"] == [False, False] and got["cudnn_benchmark"] is True
     assert got["env"]["TF_ENABLE_ONEDNN_OPTS"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
+    assert got["env"]["TF_CPP_MIN_LOG_LEVEL"] == "3"

@@ -151,9 +151,12 @@ def test_unreadable_image_is_a_data_error_naming_it(image_folder):
     bad = image_folder / "val" / "dog" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # a PNG header, then nothing
     _, val = data.load_splits(config(image_folder), get_dataset("imagefolder"))
+    assert data.image_problem(str(bad)).startswith("UnidentifiedImageError: ")
     for workers in (0, 1):
-        with pytest.raises(DataError, match="1.png"):
+        with pytest.raises(DataError) as e:
             list(data.eval_batches(val, 8, 4, range(4), workers=workers))
+        assert str(e.value).startswith(f"Cannot decode image {bad} (UnidentifiedImageError: ")
+        assert "--skip_bad_images" in str(e.value)
 
 
 def test_folder_datasets_need_datadir():

@@ -259,16 +259,61 @@ def test_a_broken_evaluation_split_fails_before_the_first_step(framework_name, t
     assert not (tmp_path / "logs" / "img").exists()
 
 
+def jpeg_bytes(seed: int = 0) -> bytes:
+    """A 40x40 JPEG of noise (about 1.6 kB, its header about 600 bytes)."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), np.uint8)).save(
+        buf, format="JPEG")
+    return buf.getvalue()
+
+
+BROKEN_HEADER = b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(2000)  # magic, then noise
+CUT_IN_ITS_DATA = jpeg_bytes()[:900]  # a whole header: found only by decoding
+
+
 @pytest.mark.parametrize("framework_name", FRAMEWORKS)
-def test_unreadable_image_is_named(framework_name, tmp_path, r50_npz, capsys):
+def test_an_image_that_does_not_decode_is_one_line_and_writes_nothing(framework_name, tmp_path,
+                                                                      r50_npz):
+    """Through the command as users run it, the frameworks' own logging included: a file whose
+    header is broken (found when the folder is listed) and one cut inside its data (found by the
+    first batch, before the run folder is written) each end the run with one line, exit 2."""
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for name, content in (("noise.jpg", BROKEN_HEADER), ("cut.jpg", CUT_IN_ITS_DATA)):
+        data = image_folder(tmp_path / name)
+        bad = data / "train" / "a" / name
+        bad.write_bytes(content)
+        argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--batch", "10", "--steps",
+                            "1")
+        proc = subprocess.run([sys.executable, "-m", f"bit_{framework_name}.train", *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.startswith(f"error: Cannot decode image {bad} ("), proc.stderr
+        assert proc.stderr.count("\n") == 1 and "--skip_bad_images" in proc.stderr
+        assert not (tmp_path / "logs" / "img").exists()
+
+
+@pytest.mark.parametrize("framework_name", FRAMEWORKS)
+def test_skip_bad_images_leaves_out_the_same_files(framework_name, tmp_path, r50_npz, capsys):
+    from bit_common import cli
     data = image_folder(tmp_path / "data")
-    bad = data / "train" / "a" / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # a JPEG header, then nothing
-    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--batch", "10", "--steps", "1",
-                        "--no-save")
-    assert loop.main(framework(framework_name), argv) == 2
+    (data / "train" / "a" / "noise.jpg").write_bytes(BROKEN_HEADER)
+    (data / "train" / "b" / "cut.jpg").write_bytes(CUT_IN_ITS_DATA)
+    (data / "val" / "a" / "cut.jpg").write_bytes(CUT_IN_ITS_DATA)
+    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--skip_bad_images")
+    fw = framework(framework_name)
+    setup = loop.make_setup(cli.build_parser(framework_name).parse_args(argv), fw)
+    assert [Path(p).relative_to(data / "train").as_posix() for p in setup.train.paths] == \
+        ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+    assert len(setup.eval) == 4 and setup.train.labels.tolist() == [0, 0, 1, 1]
     err = capsys.readouterr().err
-    assert str(bad) in err and "Traceback" not in err
+    assert err.count("warning: leaving out") == 3 and "left out 1 image(s) of the training" in err
+    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--verify_images")
+    (data / "train" / "a" / "noise.jpg").unlink()
+    with pytest.raises(loop.DataError, match=f"Cannot decode image {data / 'train/b/cut.jpg'}"):
+        loop.make_setup(cli.build_parser(framework_name).parse_args(argv), fw)
 
 
 @pytest.mark.parametrize("framework_name", FRAMEWORKS)
