@@ -187,6 +187,20 @@ def test_an_image_that_fails_mid_run_keeps_the_checkpoint_and_the_same_command_r
     assert train_steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_checkpoint_written_before_a_resume_flag_existed_resumes_with_its_default(run):
+    code, _, run_dir = run("--steps", "3", name="old")
+    assert code == 0
+    path = run_dir / loop.CHECKPOINT
+    state = state_of(run_dir)
+    config = json.loads(str(state["meta/config"]))
+    del config["augment"]  # as if written before --no-augment existed
+    state["meta/config"] = np.asarray(json.dumps(config))
+    checkpoint.atomic_savez(path, state)
+    assert run("--steps", "4", name="old")[0] == 0
+    code, err, _ = run("--steps", "5", "--no-augment", name="old")
+    assert code == 2 and "--augment was True, now False" in err
+
+
 def test_a_first_batch_that_fails_writes_no_run_folder(run):
     code, err, run_dir = run("--steps", "6", name="first", faults={0: "bad image"})
     assert code == 2 and "Cannot decode image" in err and not run_dir.exists()

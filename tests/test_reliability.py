@@ -295,6 +295,30 @@ def test_an_image_that_does_not_decode_is_one_line_and_writes_nothing(framework_
         assert not (tmp_path / "logs" / "img").exists()
 
 
+@pytest.mark.parametrize("framework", TRAINING)
+def test_an_image_that_fails_in_a_resumed_run_keeps_its_checkpoint(framework, tmp_path, r50_npz):
+    """A file damaged after the run started: the run stops with the one message, the checkpoint
+    and the logs stay as they were, and once the file is replaced the same command resumes."""
+    data = image_folder(tmp_path / "data")
+    victim = data / "train" / "a" / "0.png"
+    original = victim.read_bytes()
+    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--steps", "1")
+    code, err = run(framework, argv)
+    assert code == 0, err[-3000:]
+    run_dir = tmp_path / "logs" / "img"
+    before = {f: (run_dir / f).read_bytes() for f in (loop.CHECKPOINT, "metrics.jsonl")}
+    victim.write_bytes(original[:len(original) - 20])  # cut inside its compressed data
+    argv = folder_flags(tmp_path / "logs", r50_npz.parent, data, "--steps", "2")
+    code, err = run(framework, argv)
+    assert code == 2 and f"error: Cannot decode image {victim} (" in err, err[-3000:]
+    assert "Traceback" not in err
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+    victim.write_bytes(original)
+    code, err = run(framework, argv)
+    assert code == 0, err[-3000:]
+    assert train_steps(run_dir) == [1, 2]
+
+
 @pytest.mark.parametrize("framework_name", FRAMEWORKS)
 def test_skip_bad_images_leaves_out_the_same_files(framework_name, tmp_path, r50_npz, capsys):
     from bit_common import cli
