@@ -89,6 +89,19 @@ def images():
     return random_images
 
 
+def pooled_pre_logits(block4: np.ndarray, params: dict) -> np.ndarray:
+    """relu(group_norm(block4)) mean-pooled over H and W, in float64 numpy with the head's group
+    norm from `params` (32 groups, eps 1e-5, biased variance): `embed` recomputed from the
+    `block4` output of `features`."""
+    n, h, w, c = block4.shape
+    g = block4.astype(np.float64).reshape(n, h * w, 32, c // 32)
+    normed = (g - g.mean(axis=(1, 3), keepdims=True)) / np.sqrt(
+        g.var(axis=(1, 3), keepdims=True) + 1e-5)
+    y = normed.reshape(n, h, w, c) * params[f"{checkpoint.PREFIX}group_norm/gamma"] \
+        + params[f"{checkpoint.PREFIX}group_norm/beta"]
+    return np.maximum(y, 0).mean(axis=(1, 2))
+
+
 # Tolerance of `update_difference` for steps that must agree. Measured on the tests' input (R50x1,
 # 32 px, batch 8): float32 against float64 PyTorch, and one CPU's kernels against another's, differ
 # by 1.5-3 % (block 4 has 1x1 maps there, and one ReLU input within 1e-5 of zero flips), while

@@ -11,10 +11,13 @@ The flax module names follow the released keys, so a parameter's path is its key
     from bit_jax import models
     m = models.load_npz("BiT-M-R50x1.npz", num_classes=10)
     logits = models.predict(m, images)   # float32 NHWC in [-1, 1] -> float32 [N, C]
+    f = models.embed(m, images)          # pre-logits [N, 2048 * width]
+    s = models.features(m, images)       # {"block1".."block4": NHWC stage outputs}
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -179,7 +182,8 @@ class _Conv1x1(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    """BiT ResNet-v2: logits, or with `pre_logits=True` the pooled features (both float32)."""
+    """BiT ResNet-v2: logits, with `pre_logits=True` the pooled features, or with `stages=True`
+    {"block1".."block4": each block's output} (all float32)."""
 
     depth: int
     width: int
@@ -187,13 +191,18 @@ class ResNetV2(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, pre_logits: bool = False,
+                 stages: bool = False) -> jax.Array | dict[str, jax.Array]:
         wf, dt = self.width, self.dtype
         x = Conv(64 * wf, 7, 2, 3, dt, name="root_block")(x.astype(dt))
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, not -inf (as the weights expect)
         x = ops.max_pool(x, 3, 2)
+        outputs = {}  # a trace-time table: XLA frees whatever a program does not return
         for b, n in enumerate(Arch(self.depth, self.width).units):
-            x = Block(n, 64 * wf * 2 ** b, 1 if b == 0 else 2, dt, name=f"block{b + 1}")(x)
+            name = contract.STAGES[b]
+            x = outputs[name] = Block(n, 64 * wf * 2 ** b, 1 if b == 0 else 2, dt, name=name)(x)
+        if stages:
+            return {k: v.astype(jnp.float32) for k, v in outputs.items()}
         x = GroupNorm(dt, relu=True, name="group_norm")(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if pre_logits:
@@ -247,7 +256,8 @@ class BiTModel:
     _fns: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)
 
     def jitted(self, method: str) -> Callable:
-        """jit-compiled `apply` of `method` ('logits' or 'embed'); compiled once per shape."""
+        """jit-compiled `apply` of `method` ('logits', 'embed' or 'features'); compiled once per
+        shape."""
         if method not in self._fns:
             self._fns[method] = _jitted_apply(self.module, method)
         return self._fns[method]
@@ -259,9 +269,9 @@ _APPLY_CACHE: dict[tuple, Callable] = {}
 def _jitted_apply(module: ResNetV2, method: str) -> Callable:
     key = (module.depth, module.width, module.num_classes, jnp.dtype(module.dtype).name, method)
     if key not in _APPLY_CACHE:
-        pre_logits = method == "embed"
+        kwargs = {"embed": {"pre_logits": True}, "features": {"stages": True}}.get(method, {})
         _APPLY_CACHE[key] = jax.jit(
-            lambda params, x: module.apply({"params": params}, x, pre_logits=pre_logits))
+            lambda params, x: module.apply({"params": params}, x, **kwargs))
     return _APPLY_CACHE[key]
 
 
@@ -309,3 +319,24 @@ def predict(model: BiTModel, images: Any, batch_size: int = contract.PREDICT_BAT
 def embed(model: BiTModel, images: Any, batch_size: int = contract.PREDICT_BATCH) -> np.ndarray:
     """float32 NHWC images in [-1, 1] -> pre-logits [N, 2048 * width]."""
     return _run(model, images, "embed", model.arch.feature_dim, batch_size)
+
+
+def features(model: BiTModel, images: Any,
+             batch_size: int = contract.PREDICT_BATCH) -> dict[str, np.ndarray]:
+    """float32 NHWC images in [-1, 1] -> the four stage outputs, float32 NHWC: "block1"
+    [N, H/4, W/4, 256 * width], "block2" [N, H/8, W/8, 512 * width], "block3" [N, H/16, W/16,
+    1024 * width], "block4" [N, H/32, W/32, 2048 * width], sizes rounded up
+    (`contract.feature_shapes`).
+
+    Each is the output of resnet/block1..block4, its last unit's sum: in this pre-activation
+    ResNet-v2 the raw residual stream, normalized by nothing (the next block's units, and after
+    block4 the head's relu(group_norm(.)) that `embed` mean-pools, apply group norm and ReLU
+    first). These are timm's `features_only` taps of its ResNetV2 (`stages.0`..`stages.3`, its
+    out_indices 1-4, which likewise leave the final norm out); timm's index 0, the stride-2 root
+    convolution, is not returned.
+    """
+    fn = model.jitted("features")
+    # Padded chunks, as in `_run`: a few programs per image size.
+    return contract.run_dict_in_batches(
+        lambda x: jax.device_get(fn(model.params, x)), images,
+        functools.partial(contract.feature_shapes, model.arch), batch_size, pad=True)

@@ -10,15 +10,17 @@ The contract shared with bit_jax and bit_tf2:
     m = load_npz(path, num_classes=10)  # the fine-tuning start: a new zero head
     y = predict(m, images)              # np.float32 NHWC in [-1, 1] -> np.float32 logits [N, C]
     f = embed(m, images)                # pre-logits [N, 2048 * width]
+    s = features(m, images)             # {"block1".."block4": NHWC stage outputs}
     save_npz(m, path)                   # back to the released layout
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from bit_common.registry import Arch
 GN_GROUPS = 32
 GN_EPS = 1e-5
 WS_EPS = 1e-10
+_LAST = contract.STAGES[-1]  # the block whose output the head reads
 
 
 class StdConv2d(nn.Conv2d):
@@ -137,15 +140,28 @@ class ResNetV2(nn.Module):
         self.body = nn.Sequential(blocks)
         self.head = _Head(arch.feature_dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.root(x))
+    def stages(self, x: torch.Tensor, keep: Collection[str] = contract.STAGES
+               ) -> dict[str, torch.Tensor]:
+        """{name: output (NCHW)} of the blocks named in `keep`, after the root: the one pass
+        through the network that logits, pre-logits and `features` share. A block left out of
+        `keep` is freed as soon as the next one has read it."""
+        out = {}
+        x = self.root(x)
+        for name, block in self.body.named_children():
+            x = block(x)
+            if name in keep:
+                out[name] = x
+        return out
+
+    def _last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x, keep=(_LAST,))[_LAST]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits [N, 2048 * width]."""
-        return self.head.pre_logits(self.features(x)).flatten(1)
+        return self.head.pre_logits(self._last_stage(x)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(self._last_stage(x))
 
 
 # ---- the released names of the module tree's parameters --------------------------------------
@@ -271,25 +287,35 @@ def memory_format(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _run(model: nn.Module, images: np.ndarray, embed_only: bool, batch_size: int) -> np.ndarray:
+@contextlib.contextmanager
+def _inference(model: nn.Module
+               ) -> Iterator[tuple[ResNetV2, Callable[[np.ndarray], torch.Tensor]]]:
+    """The model in eval mode under inference_mode and full float32, with the function that turns
+    an NHWC numpy chunk into its input; the model's training mode is restored after."""
     m = unwrap(model)
     was_training = m.training
     m.eval()
     device = next(m.parameters()).device
     fmt = memory_format(m)  # the inputs follow the kernels' layout
 
-    def forward(chunk: np.ndarray) -> np.ndarray:
+    def to_input(chunk: np.ndarray) -> torch.Tensor:
         # NHWC numpy is NCHW's channels_last view
         x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2)
-        x = x.to(device).contiguous(memory_format=fmt)
-        return (m.embed(x) if embed_only else m(x)).float().cpu().numpy()
+        return x.to(device).contiguous(memory_format=fmt)
 
     try:
         with torch.inference_mode(), full_fp32():
-            width = m.arch.feature_dim if embed_only else m.num_classes
-            return contract.run_in_batches(forward, images, width, batch_size)
+            yield m, to_input
     finally:
         m.train(was_training)
+
+
+def _run(model: nn.Module, images: np.ndarray, embed_only: bool, batch_size: int) -> np.ndarray:
+    with _inference(model) as (m, to_input):
+        fn = m.embed if embed_only else m
+        width = m.arch.feature_dim if embed_only else m.num_classes
+        return contract.run_in_batches(lambda x: fn(to_input(x)).float().cpu().numpy(), images,
+                                       width, batch_size)
 
 
 def predict(model: nn.Module, images: np.ndarray,
@@ -302,3 +328,27 @@ def embed(model: nn.Module, images: np.ndarray,
           batch_size: int = contract.PREDICT_BATCH) -> np.ndarray:
     """np.float32 NHWC images in [-1, 1] -> np.float32 pre-logits [N, 2048 * width]."""
     return _run(model, images, embed_only=True, batch_size=batch_size)
+
+
+def features(model: nn.Module, images: np.ndarray,
+             batch_size: int = contract.PREDICT_BATCH) -> dict[str, np.ndarray]:
+    """np.float32 NHWC images in [-1, 1] -> the four stage outputs, float32 NHWC: "block1"
+    [N, H/4, W/4, 256 * width], "block2" [N, H/8, W/8, 512 * width], "block3" [N, H/16, W/16,
+    1024 * width], "block4" [N, H/32, W/32, 2048 * width], sizes rounded up
+    (`contract.feature_shapes`).
+
+    Each is the output of resnet/block1..block4, its last unit's sum: in this pre-activation
+    ResNet-v2 the raw residual stream, normalized by nothing (the next block's units, and after
+    block4 the head's relu(group_norm(.)) that `embed` mean-pools, apply group norm and ReLU
+    first). These are timm's `features_only` taps of its ResNetV2 (`stages.0`..`stages.3`, its
+    out_indices 1-4, which likewise leave the final norm out); timm's index 0, the stride-2 root
+    convolution, is not returned.
+    """
+    with _inference(model) as (m, to_input):
+        def forward(chunk: np.ndarray) -> dict[str, np.ndarray]:
+            return {k: v.permute(0, 2, 3, 1).float().cpu().numpy()  # NCHW -> NHWC
+                    for k, v in m.stages(to_input(chunk)).items()}
+
+        return contract.run_dict_in_batches(forward, images,
+                                            functools.partial(contract.feature_shapes, m.arch),
+                                            batch_size)

@@ -9,6 +9,8 @@ with the stride on the 3x3 conv, and a head that is `relu(group_norm(x))`, a glo
 
     model = load_npz("BiT-M-R50x1.npz", num_classes=10)   # zero head for fine-tuning
     logits = predict(model, images)                        # float32 NHWC in [-1, 1]
+    f = embed(model, images)                               # pre-logits [N, 2048 * width]
+    s = features(model, images)                            # {"block1".."block4": NHWC}
     save_npz(model, "model.npz")
     export(model, "saved_model/")                          # plain tf.saved_model.load works
 """
@@ -133,8 +135,9 @@ class _Untracked:
 class ResNetV2(keras.Model):
     """BiT ResNet-v2 for an architecture and a head size.
 
-    `model(x)` gives logits, `model(x, features=True)` the pre-logits; `variables_by_key` maps
-    the released keys to the variables.
+    `model(x)` gives logits, `model(x, features=True)` the pre-logits, `model(x, stages=True)`
+    {"block1".."block4": each block's output} (all float32); `variables_by_key` maps the released
+    keys to the variables.
     """
 
     def __init__(self, arch: Arch, num_classes: int, **kwargs):
@@ -165,12 +168,17 @@ class ResNetV2(keras.Model):
             self.built = True
             self(tf.zeros((1, 32, 32, 3)))
 
-    def call(self, x, features: bool = False):
+    def call(self, x, features: bool = False, stages: bool = False):
         x = tf.cast(x, self.compute_dtype)
         x = self.root_conv(ops.pad(x, 3))
         x = tf.nn.max_pool2d(ops.pad(x, 1), ksize=3, strides=2, padding="VALID")  # zero pad
-        for unit in self.units:
+        outputs = {}
+        for name, unit in zip(self.unit_names, self.units):
             x = unit(x)
+            if stages:  # kept only when asked for: eager calls would hold them to the end
+                outputs[name.split("/")[0]] = x  # a block's output is its last unit's
+        if stages:
+            return {k: tf.cast(v, tf.float32) for k, v in outputs.items()}
         x = self.pre_head_gn(x)
         feats = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2])
         return feats if features else self.head(feats)
@@ -243,20 +251,23 @@ def save_npz(model: ResNetV2, path: str | os.PathLike) -> None:
     checkpoint.save_params(to_params(model), path)
 
 
-def _forward(model: ResNetV2, features: bool, x: tf.Tensor) -> tf.Tensor:
-    return model(x, features=features)
+_OUTPUTS = {"logits": {}, "embed": {"features": True}, "features": {"stages": True}}
 
 
-def _compiled(model: ResNetV2, features: bool, height: int, width: int):
-    """The model's forward pass for images of one size, as a tf.function traced once with the
-    batch left open: any batch size reuses it, with the Winograd convolutions (which need the
-    image size). A partial rather than a closure, so that TensorFlow counts each one's traces
-    apart."""
-    key = (features, height, width)
+def _forward(model: ResNetV2, output: str, x: tf.Tensor) -> tf.Tensor | dict[str, tf.Tensor]:
+    return model(x, **_OUTPUTS[output])
+
+
+def _compiled(model: ResNetV2, output: str, height: int, width: int):
+    """The model's forward pass giving `output` ('logits', 'embed' or 'features') for images of
+    one size, as a tf.function traced once with the batch left open: any batch size reuses it,
+    with the Winograd convolutions (which need the image size). A partial rather than a closure,
+    so that TensorFlow counts each one's traces apart."""
+    key = (output, height, width)
     fn = model._untracked.fns.get(key)
     if fn is None:
         spec = tf.TensorSpec([None, height, width, 3], tf.float32)
-        fn = tf.function(functools.partial(_forward, model, features), input_signature=[spec],
+        fn = tf.function(functools.partial(_forward, model, output), input_signature=[spec],
                          jit_compile=_jit_inference())
         model._untracked.fns[key] = fn
     return fn
@@ -270,7 +281,8 @@ def _jit_inference() -> bool:
 
 def _run(model: ResNetV2, images: np.ndarray, features: bool, batch_size: int) -> np.ndarray:
     def forward(x: np.ndarray) -> np.ndarray:
-        return _compiled(model, features, *x.shape[1:3])(tf.constant(x)).numpy()
+        output = "embed" if features else "logits"
+        return _compiled(model, output, *x.shape[1:3])(tf.constant(x)).numpy()
 
     width = model.arch.feature_dim if features else model.num_classes
     return contract.run_in_batches(forward, images, width, batch_size)
@@ -286,6 +298,29 @@ def embed(model: ResNetV2, images: np.ndarray,
           batch_size: int = contract.PREDICT_BATCH) -> np.ndarray:
     """Pre-logits [N, 2048 * width] (float32) of float32 NHWC images in [-1, 1]."""
     return _run(model, images, True, batch_size)
+
+
+def features(model: ResNetV2, images: np.ndarray,
+             batch_size: int = contract.PREDICT_BATCH) -> dict[str, np.ndarray]:
+    """float32 NHWC images in [-1, 1] -> the four stage outputs, float32 NHWC: "block1"
+    [N, H/4, W/4, 256 * width], "block2" [N, H/8, W/8, 512 * width], "block3" [N, H/16, W/16,
+    1024 * width], "block4" [N, H/32, W/32, 2048 * width], sizes rounded up
+    (`contract.feature_shapes`).
+
+    Each is the output of resnet/block1..block4, its last unit's sum: in this pre-activation
+    ResNet-v2 the raw residual stream, normalized by nothing (the next block's units, and after
+    block4 the head's relu(group_norm(.)) that `embed` mean-pools, apply group norm and ReLU
+    first). These are timm's `features_only` taps of its ResNetV2 (`stages.0`..`stages.3`, its
+    out_indices 1-4, which likewise leave the final norm out); timm's index 0, the stride-2 root
+    convolution, is not returned. Traced once per image size, as `predict`.
+    """
+    def forward(x: np.ndarray) -> dict[str, np.ndarray]:
+        out = _compiled(model, "features", *x.shape[1:3])(tf.constant(x))
+        return {k: v.numpy() for k, v in out.items()}
+
+    return contract.run_dict_in_batches(forward, images,
+                                        functools.partial(contract.feature_shapes, model.arch),
+                                        batch_size)
 
 
 class _Serving(tf.Module):

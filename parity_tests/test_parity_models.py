@@ -1,6 +1,6 @@
 """One .npz into PyTorch, JAX and TF2 (and timm, an independent implementation): same outputs.
 
-Written against the contract only: models.load_npz / predict / embed / save_npz.
+Written against the contract only: models.load_npz / predict / embed / features / save_npz.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bit_common import checkpoint
+from bit_common import checkpoint, contract
 from bit_common.registry import parse_arch
 from conftest import random_images
 from parity_tests.frameworks import FRAMEWORKS, framework_models, timm_logits
@@ -47,6 +47,26 @@ def check_agreement(loaded, r50_npz, shape, report):
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 def test_logits_and_embeddings_agree(loaded, r50_npz, shape, report):
     check_agreement(loaded, r50_npz, shape, report)
+
+
+def test_stage_features_agree(loaded, report):
+    """`features` of one .npz: the same keys and shapes (an odd size, where the convolutions'
+    padding decides the sizes) and the same values in the three frameworks, to TOL of each
+    stage's scale (the residual stream of this random network grows to about 100)."""
+    x = random_images(2, 33, 47, seed=9)
+    feats = {fw: framework_models(fw).features(m, x) for fw, m in loaded.items()}
+    want = {k: (2, *s) for k, s in contract.feature_shapes(parse_arch("R50x1"), 33, 47).items()}
+    for fw, stages in feats.items():
+        assert list(stages) == list(contract.STAGES)
+        assert {k: v.shape for k, v in stages.items()} == want, fw
+        assert all(v.dtype == np.float32 for v in stages.values())
+    for key in contract.STAGES:
+        outputs = {fw: stages[key] for fw, stages in feats.items()}
+        scale = max(float(np.abs(v).max()) for v in outputs.values())
+        d = _max_diff(outputs)
+        report(f"R50x1 (2, 33, 47) {key}: max |Δ| {d:.2e} of max |x| {scale:.1f}")
+        assert d <= TOL * scale
+        assert scale > 1  # the comparison is not between zeros
 
 
 @pytest.mark.slow
@@ -105,7 +125,8 @@ def test_all_nine_round_trips(loaded, tmp_path, report):
 
 def test_same_batching_and_the_same_error_for_bad_images(loaded):
     """`predict(m, images, batch_size)` runs chunks of at most batch_size in every framework (the
-    result does not depend on it), and a wrong shape is the same BiTError in all three."""
+    result does not depend on it), and a wrong shape is the same BiTError in all three, for
+    `predict` and `features` alike."""
     from bit_common.errors import BiTError
 
     x = random_images(5, 32, 32, seed=7)
@@ -114,8 +135,10 @@ def test_same_batching_and_the_same_error_for_bad_images(loaded):
         whole = models.predict(m, x)
         np.testing.assert_allclose(models.predict(m, x, batch_size=2), whole, rtol=0, atol=TOL)
         assert models.embed(m, x[:0]).shape == (0, 2048)
-        for bad in (x[0], x[..., :1]):
-            with pytest.raises(BiTError, match=r"Images must be float32 NHWC with 3 channels"):
-                models.predict(m, bad)
-        with pytest.raises(BiTError, match="batch_size must be at least 1"):
-            models.predict(m, x, batch_size=0)
+        assert models.features(m, x[:0])["block2"].shape == (0, 4, 4, 512)
+        for fn in (models.predict, models.features):
+            for bad in (x[0], x[..., :1]):
+                with pytest.raises(BiTError, match=r"Images must be float32 NHWC with 3 channels"):
+                    fn(m, bad)
+            with pytest.raises(BiTError, match="batch_size must be at least 1"):
+                fn(m, x, batch_size=0)

@@ -355,3 +355,36 @@ def test_contract_batches_pad_short_chunks_to_powers_of_two():
     contract.run_in_batches(fn, x[:3], 2, batch_size=64)
     assert seen == [8, 3]  # padded to a power of two; unpadded without `pad`
     assert [contract.padded_size(n, 64) for n in (1, 2, 3, 5, 64, 70)] == [1, 2, 4, 8, 64, 64]
+
+
+def test_contract_batches_dicts_and_gives_the_stage_shapes():
+    """`run_dict_in_batches` pads, slices and concatenates every key as `run_in_batches` does its
+    one array, gives `shapes` for no images; `feature_shapes` are the README's for 224 px."""
+    from bit_common import contract
+
+    seen = []
+
+    def fn(x):
+        seen.append(len(x))
+        return {"sum": x.sum(axis=(1, 2)), "map": x[:, ::2, ::2, :1] + 1}
+
+    x = np.random.default_rng(0).standard_normal((5, 4, 6, 3)).astype(np.float32)
+    out = contract.run_dict_in_batches(fn, x, lambda h, w: {}, batch_size=2, pad=True)
+    assert seen == [2, 2, 1]
+    np.testing.assert_allclose(out["sum"], x.sum(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(out["map"], x[:, ::2, ::2, :1] + 1)
+    seen.clear()
+    out = contract.run_dict_in_batches(fn, x[:3], lambda h, w: {}, batch_size=64, pad=True)
+    assert seen == [4] and out["map"].shape == (3, 2, 3, 1)  # the padded row is cut off
+    empty = contract.run_dict_in_batches(fn, x[:0], lambda h, w: {"map": (h // 2, w // 2, 1)})
+    assert {k: v.shape for k, v in empty.items()} == {"map": (0, 2, 3, 1)} and seen == [4]
+    with pytest.raises(BiTError, match="Images must be float32 NHWC"):
+        contract.run_dict_in_batches(fn, x[0], lambda h, w: {})
+
+    arch = registry.parse_arch("R50x3")
+    assert contract.feature_shapes(arch, 224, 224) == {
+        "block1": (56, 56, 768), "block2": (28, 28, 1536), "block3": (14, 14, 3072),
+        "block4": (7, 7, 6144)}
+    assert list(contract.feature_shapes(arch, 33, 47)) == list(contract.STAGES)
+    assert [s[:2] for s in contract.feature_shapes(arch, 33, 47).values()] == [
+        (9, 12), (5, 6), (3, 3), (2, 2)]

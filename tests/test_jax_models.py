@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bit_common import checkpoint
+from bit_common import checkpoint, contract
 from bit_common.errors import BiTError, CheckpointError
 from bit_common.registry import parse_arch
-from conftest import random_images
+from conftest import pooled_pre_logits, random_images
 
 pytest.importorskip("jax")
 pytest.importorskip("flax")
@@ -68,6 +68,34 @@ def test_embed_shape_and_head(model, x64):
     params = models.to_params(model)
     logits = feats @ params[checkpoint.HEAD_KERNEL][0, 0] + params[checkpoint.HEAD_BIAS]
     np.testing.assert_allclose(models.predict(model, x64), logits, atol=1e-4)
+
+
+def test_features_shapes_padding_and_what_embed_pools(model, r50_params):
+    """block1..block4 as float32 NHWC of the contract's shapes; 3 images run as one padded
+    program of 4, which 4 images reuse with the same rows; block4 is what `embed` normalizes and
+    pools; the stage shapes of odd and 224 px inputs are the contract's (traced, not run)."""
+    import jax
+
+    x = random_images(4, 64, 64, seed=8)
+    fn = model.jitted("features")
+    before = fn._cache_size()
+    feats = models.features(model, x[:3])
+    assert list(feats) == list(contract.STAGES)
+    assert {k: v.shape for k, v in feats.items()} == {
+        "block1": (3, 16, 16, 256), "block2": (3, 8, 8, 512), "block3": (3, 4, 4, 1024),
+        "block4": (3, 2, 2, 2048)}
+    assert all(type(v) is np.ndarray and v.dtype == np.float32 for v in feats.values())
+    for key, v in models.features(model, x).items():
+        np.testing.assert_allclose(v[:3], feats[key], rtol=0, atol=1e-5 * np.abs(v).max())
+    assert fn._cache_size() - before == 1
+    np.testing.assert_allclose(models.embed(model, x[:3]),
+                               pooled_pre_logits(feats["block4"], r50_params), rtol=0, atol=1e-4)
+    for h, w in ((33, 47), (224, 224)):
+        traced = jax.eval_shape(fn, model.params, jax.ShapeDtypeStruct((1, h, w, 3), np.float32))
+        assert {k: v.shape for k, v in traced.items()} == {
+            k: (1, *s) for k, s in contract.feature_shapes(model.arch, h, w).items()}
+    assert traced["block4"].shape == (1, 7, 7, 2048)
+    assert models.features(model, x[:0])["block1"].shape == (0, 16, 16, 256)
 
 
 def test_zero_head_and_odd_size(r50_npz):

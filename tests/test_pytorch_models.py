@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from bit_common import checkpoint
+from bit_common import checkpoint, contract
 from bit_common.errors import CheckpointError
 from bit_common.registry import parse_arch
 from bit_pytorch import models
+from conftest import pooled_pre_logits
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,6 +75,46 @@ def test_embed_shape_and_head(model, r50_params, images):
     w = r50_params[checkpoint.HEAD_KERNEL][0, 0]
     b = r50_params[checkpoint.HEAD_BIAS]
     np.testing.assert_allclose(feats @ w + b, models.predict(model, x), atol=1e-5)
+
+
+def test_features_are_timms_stage_taps_and_what_embed_pools(model, r50_npz, r50_params,
+                                                           images):
+    """block1..block4 as float32 NHWC of the contract's shapes (odd and 224 px inputs); the
+    values of timm's `features_only` ResNetV2 (its out_indices 1-4), and block4 is what `embed`
+    normalizes and pools; batching and channels_last change nothing."""
+    timm = pytest.importorskip("timm")
+    from timm.models import FeatureListNet
+
+    x = images(2, 33, 47, seed=8)
+    feats = models.features(model, x)
+    assert list(feats) == list(contract.STAGES)
+    assert {k: v.shape for k, v in feats.items()} == {
+        "block1": (2, 9, 12, 256), "block2": (2, 5, 6, 512), "block3": (2, 3, 3, 1024),
+        "block4": (2, 2, 2, 2048)}
+    assert all(v.dtype == np.float32 for v in feats.values())
+    ref = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=10)
+    ref.load_pretrained(str(r50_npz))
+    # What timm's create_model(..., features_only=True) wraps the model in.
+    taps = FeatureListNet(ref, out_indices=(1, 2, 3, 4), flatten_sequential=True).eval()
+    with torch.no_grad():
+        want = taps(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    for (key, got), w in zip(feats.items(), want):
+        w = w.permute(0, 2, 3, 1).numpy()
+        diff = np.abs(got - w).max() / np.abs(w).max()
+        print(f"features {key} vs timm: max |d| / max |x| = {diff:.1e}")
+        assert diff <= 1e-4
+    np.testing.assert_allclose(models.embed(model, x),
+                               pooled_pre_logits(feats["block4"], r50_params), rtol=0, atol=1e-4)
+    for key, v in models.features(model, x, batch_size=1).items():
+        np.testing.assert_allclose(v, feats[key], rtol=0, atol=1e-4 * np.abs(v).max())
+    cl = models.load_npz(r50_npz).to(memory_format=torch.channels_last)
+    for key, v in models.features(cl, x).items():
+        np.testing.assert_allclose(v, feats[key], rtol=0, atol=1e-4 * np.abs(v).max())
+    big = models.features(model, images(1, 224, 224, seed=9))
+    assert {k: v.shape for k, v in big.items()} == {
+        "block1": (1, 56, 56, 256), "block2": (1, 28, 28, 512), "block3": (1, 14, 14, 1024),
+        "block4": (1, 7, 7, 2048)}
+    assert models.features(model, x[:0])["block3"].shape == (0, 3, 3, 1024)
 
 
 def test_channels_last(model, r50_npz, images):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint
+from bit_common import checkpoint, contract
 from bit_common.errors import CheckpointError
 from bit_common.registry import parse_arch
-from conftest import random_images
+from conftest import pooled_pre_logits, random_images
 
 tf = pytest.importorskip("tensorflow")
 models = pytest.importorskip("bit_tf2.models")
@@ -75,6 +75,26 @@ def test_embed_and_odd_sizes(model):
                                rtol=0, atol=1e-4)
 
 
+def test_features_trace_once_per_image_size_and_are_what_embed_pools(model):
+    """block1..block4 as float32 NHWC of the contract's shapes for odd-sized images, one trace
+    for batches of 1 to 3 with the same rows; block4 is what `embed` normalizes and pools."""
+    x = random_images(3, 33, 47, seed=2)
+    feats = models.features(model, x)
+    assert list(feats) == list(contract.STAGES)
+    assert {k: v.shape for k, v in feats.items()} == {
+        "block1": (3, 9, 12, 256), "block2": (3, 5, 6, 512), "block3": (3, 3, 3, 1024),
+        "block4": (3, 2, 2, 2048)}
+    assert all(type(v) is np.ndarray and v.dtype == np.float32 for v in feats.values())
+    for n in (1, 2):
+        for key, v in models.features(model, x[:n]).items():
+            np.testing.assert_allclose(v, feats[key][:n], rtol=0, atol=1e-4 * np.abs(v).max())
+    assert models._compiled(model, "features", 33, 47).experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(models.embed(model, x),
+                               pooled_pre_logits(feats["block4"], models.to_params(model)),
+                               rtol=0, atol=1e-4)
+    assert models.features(model, x[:0])["block4"].shape == (0, 2, 2, 2048)
+
+
 def test_predict_traces_once_per_image_size(model):
     """Batches of 1 to 7 images of one size, twice over, reuse one trace (the batch left open),
     with no retracing warning and the same logits."""
@@ -92,7 +112,7 @@ def test_predict_traces_once_per_image_size(model):
                                        atol=1e-4)
     finally:
         tf.get_logger().removeHandler(handler)
-    assert models._compiled(model, False, 32, 48).experimental_get_tracing_count() == 1
+    assert models._compiled(model, "logits", 32, 48).experimental_get_tracing_count() == 1
     assert not [r for r in records if "retracing" in r.getMessage()]
 
 
