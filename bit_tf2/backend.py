@@ -72,8 +72,20 @@ def _lost_peer(backend: TF2Backend, e: Exception) -> str | None:
     if backend.multi_worker and isinstance(e, tf.errors.OpError) and (
             isinstance(e, tf.errors.UnavailableError)
             or "Collective ops is aborted" in (e.message or "")):
-        return (e.message or "").strip().splitlines()[0][:300]
+        return _peer_detail(e.message or "")
     return None
+
+
+def _peer_detail(message: str) -> str:
+    """The line of a collective's error that says what happened: TensorFlow often puts a bare
+    "Graph execution error:" first and the peer's status (UNAVAILABLE, a connection or socket
+    message) further down."""
+    lines = [x.strip() for x in message.strip().splitlines() if x.strip()]
+    telling = [x for x in lines if any(w in x for w in _PEER_WORDS)]
+    return (telling or lines or ["(no message)"])[0][:300]
+
+
+_PEER_WORDS = ("UNAVAILABLE", "navailable", "onnect", "socket", "peer", "aborted")
 
 
 _peer_losses = peer_losses(_lost_peer)

@@ -354,3 +354,14 @@ def test_bad_inputs(capsys, tmp_path, r50_npz, r50_params):
     finally:
         locked.chmod(0o700)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_lost_worker_is_described_by_its_telling_line():
+    from bit_tf2.backend import _peer_detail
+    message = ("Graph execution error:\n\nDetected at node CollectiveReduceV2 defined at (most "
+               "recent call last):\n  File \"train.py\", line 3\n\nCollective ops is aborted by: "
+               "UNAVAILABLE: failed to connect to all addresses\nAdditional GRPC error "
+               "information ...")
+    assert _peer_detail(message) == ("Collective ops is aborted by: UNAVAILABLE: failed to "
+                                     "connect to all addresses")
+    assert _peer_detail("Graph execution error:\n\nsomething else") == "Graph execution error:"
