@@ -338,10 +338,12 @@ def _rate(images: int, run: Callable[[], object], repeats: int = 1) -> float:
     return images / best
 
 
-def decode_ceiling(folder: Path, resize: int, pipelines: Sequence[str]) -> dict[str, float]:
-    """img/s of decoding the folder's JPEGs alone and decoding + resizing them to `resize`, on
-    one core, with each pipeline's own decoder and resize (PIL + torch for PyTorch's, TensorFlow's
-    ops for tf.data's): the most a pipeline worker can deliver."""
+def decode_ceiling(folder: Path, resizes: Sequence[int], pipelines: Sequence[str]
+                   ) -> dict[str, float]:
+    """img/s of decoding the folder's JPEGs alone ("<pipeline> decode") and decoding + resizing
+    them to each of `resizes` ("<pipeline> decode+resize <size>"), on one core, with each
+    pipeline's own decoder and resize (PIL + torch for PyTorch's, TensorFlow's ops for
+    tf.data's): the most a pipeline worker can deliver."""
     files, out = _files(folder), {}
     for f in files:  # from the page cache, as an epoch after the first reads them
         f.read_bytes()
@@ -354,17 +356,18 @@ def decode_ceiling(folder: Path, resize: int, pipelines: Sequence[str]) -> dict[
         try:
             out["pytorch decode"] = _rate(len(files), lambda: [torch_data.decode(str(f))
                                                                for f in files], 3)
-            out["pytorch decode+resize"] = _rate(len(files), lambda: [
-                torch_data.resize(torch_data.decode(str(f)), resize) for f in files], 3)
+            for resize in resizes:
+                out[f"pytorch decode+resize {resize}"] = _rate(len(files), lambda: [
+                    torch_data.resize(torch_data.decode(str(f)), resize) for f in files], 3)
         finally:
             torch.set_num_threads(threads)
     if "tf.data" in pipelines:
         import tensorflow as tf
 
-        def run(resize_too: bool) -> None:
+        def run(resize: int | None) -> None:
             def load(path):
                 img = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-                if resize_too:
+                if resize:
                     img = tf.image.resize(tf.cast(img, tf.float32), (resize, resize),
                                           antialias=True)
                 return img[0, 0, 0]  # a value, so that no op is pruned
@@ -374,8 +377,9 @@ def decode_ceiling(folder: Path, resize: int, pipelines: Sequence[str]) -> dict[
             for _ in ds.with_options(opts):
                 pass
 
-        out["tf.data decode"] = _rate(len(files), lambda: run(False), 3)
-        out["tf.data decode+resize"] = _rate(len(files), lambda: run(True), 3)
+        out["tf.data decode"] = _rate(len(files), lambda: run(None), 3)
+        for resize in resizes:
+            out[f"tf.data decode+resize {resize}"] = _rate(len(files), lambda: run(resize), 3)
     return out
 
 
@@ -400,9 +404,8 @@ def pipeline_speed(batch: int, batches: int, folder: Path,
     entry with each PIPELINE_WORKERS count, beside the one-core decode ceiling."""
     out = {}
     runs = [("digits 160->128", {}, 2, 128)]
+    out.update(decode_ceiling(folder, [resize for resize, _ in PIPELINE_SIZES], pipelines))
     for resize, crop in PIPELINE_SIZES:
-        out.update({f"{k} {resize}": v for k, v in
-                    decode_ceiling(folder, resize, pipelines).items()})
         for workers in PIPELINE_WORKERS:
             runs.append((f"photos {resize}->{crop} {workers} worker{'s' * (workers > 1)}",
                          {"dataset": "imagefolder", "datadir": str(folder),
