@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from bit_common import checkpoint, cli, hyperrule, registry, runtime
+from bit_common import checkpoint, cli, hyperrule, registry, runtime, trainable
 from bit_common.datasets import DatasetInfo, Split, get_dataset, image_hw
 from bit_common.errors import BiTError, CheckpointError, DataError
 from bit_common.fewshot import sample_few_shot
@@ -41,7 +41,9 @@ CONFIG = "config.json"
 MOMENTUM_PREFIX = "momentum/"  # checkpoint keys of the momentum buffers: momentum/<canonical key>
 # Flags that change what is trained: resuming with other values would silently mix two runs.
 RESUME_KEYS = ("model", "dataset", "examples_per_class", "examples_per_class_seed", "batch",
-               "base_lr", "seed", "resolution", "augment")
+               "base_lr", "seed", "resolution", "augment", "train")
+# Resume keys added after checkpoints were first written, with the value older runs had.
+RESUME_KEY_DEFAULTS = {"train": "all"}
 
 
 def join_state(params: Mapping[str, np.ndarray], momentum: Mapping[str, np.ndarray]
@@ -81,6 +83,7 @@ class RunConfig:
     precision: str
     datadir: str | None = None
     tfds_manual_dir: str | None = None
+    train: str = "all"  # --train: which parameters are fine-tuned (bit_common.trainable)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -337,6 +340,7 @@ class Trainer:
                 f"The run folder's checkpoint {path} cannot be resumed from ({type(e).__name__}: "
                 f"{e}): it is not a checkpoint this project wrote. {keep}") from None
         now = _resume_config(self.args)
+        saved = {**RESUME_KEY_DEFAULTS, **saved}
         diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
         if diff:
             desc = ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -355,7 +359,8 @@ class Trainer:
         log.info(f"{self.framework.name}: {args.model} ({setup.arch.name}) on {args.dataset}, "
                  f"{n} training examples, {setup.num_classes} classes, {setup.resize}->"
                  f"{setup.crop} px, mixup {setup.plan.mixup_alpha}, steps {start}->{end} of "
-                 f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else ""))
+                 f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else "")
+                 + ("" if args.train == "all" else f"; {trainable.describe(args.train)}"))
         save_every = args.save_every or args.eval_every
         self._install_signal_handlers()
         batches = backend.train_batches(start)
