@@ -5,9 +5,10 @@
   are accumulated in a `tf.while_loop`; SGD with momentum and no weight decay written out as
   torch.optim.SGD does it (buf = 0.9 buf + g; p -= lr buf). Keras' SGD keeps v = 0.9 v - lr g,
   which differs from it whenever the learning rate changes, so it is not used.
-- `--train`: the tape's gradient is taken with respect to the trained variables only (so the
-  graph has no backward pass through the frozen layers), and only those are all-reduced and
-  updated; frozen variables and their momentum are never written.
+- `--train`: the tape's gradient is taken with respect to the trained variables only, and only
+  those are all-reduced and updated; frozen variables and their momentum are never written. The
+  gradient ops below the first trained layer feed no output, so the function runtime prunes
+  them (a `--train head` step costs what a forward pass does);
 - data parallelism with `tf.distribute.MirroredStrategy` over the local GPUs (or logical CPUs),
   `MultiWorkerMirroredStrategy` when TF_CONFIG describes several hosts: replica r trains on the
   r-th contiguous slice of the global batch, the per-replica gradients of (loss / replicas) are
