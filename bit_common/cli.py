@@ -6,6 +6,7 @@ import argparse
 
 from bit_common.errors import BiTError
 from bit_common.precision import PRECISIONS
+from bit_common.trainable import TRAIN_CHOICES
 
 HELP_WIDTH = 100
 
@@ -85,6 +86,10 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--skip_bad_images", action="store_true",
                    help="Leave out image files that do not decode, with a warning naming each "
                         "and their count (implies --verify_images).")
+    p.add_argument("--train", choices=TRAIN_CHOICES, default="all",
+                   help="Which layers to fine-tune: all, only the head (a linear probe), or "
+                        "blockK to block4 with the final norm and the head (the root and "
+                        "earlier blocks stay frozen).")
     return p
 
 

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from bit_common import checkpoint, cli, hyperrule, registry, runtime
+from bit_common import checkpoint, cli, hyperrule, registry, runtime, trainable
 from bit_common.datasets import (DatasetInfo, Split, get_dataset, image_hw,
                                  pillow_image_problem, verify_images)
 from bit_common.errors import BiTError, CheckpointError, DataError
@@ -42,7 +42,7 @@ CONFIG = "config.json"
 MOMENTUM_PREFIX = "momentum/"  # checkpoint keys of the momentum buffers: momentum/<canonical key>
 # Flags that change what is trained: resuming with other values would silently mix two runs.
 RESUME_KEYS = ("model", "dataset", "examples_per_class", "examples_per_class_seed", "batch",
-               "base_lr", "seed", "resolution", "augment")
+               "base_lr", "seed", "resolution", "augment", "train")
 
 
 def join_state(params: Mapping[str, np.ndarray], momentum: Mapping[str, np.ndarray]
@@ -83,6 +83,7 @@ class RunConfig:
     datadir: str | None = None
     tfds_manual_dir: str | None = None
     skip_bad_images: bool = False
+    train: str = "all"  # --train: which parameters are fine-tuned (bit_common.trainable)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -377,7 +378,8 @@ class Trainer:
         log.info(f"{self.framework.name}: {args.model} ({setup.arch.name}) on {args.dataset}, "
                  f"{n} training examples, {setup.num_classes} classes, {setup.resize}->"
                  f"{setup.crop} px, mixup {setup.plan.mixup_alpha}, steps {start}->{end} of "
-                 f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else ""))
+                 f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else "")
+                 + ("" if args.train == "all" else f"; {trainable.describe(args.train)}"))
         save_every = args.save_every or args.eval_every
         self._install_signal_handlers()
         step_times: list[float] = []

@@ -4,6 +4,10 @@
   momentum and no weight decay (`optax.trace`: t = g + 0.9 t; p -= lr t, as torch.optim.SGD),
   mixup on the full batch, then `--batch_split` micro-batches whose gradients are accumulated by a
   `lax.scan` inside the step;
+- `--train`: the step differentiates the loss with respect to the trained parameters only, the
+  frozen ones entering as constants (so no backward pass runs through the frozen layers), and
+  optax's trace and the update see the trained ones only: frozen parameters and their momentum
+  pass through the step bit for bit;
 - data parallelism over every device with `jax.jit` on a device `Mesh`: the batch is sharded on
   the 'data' axis, parameters and momentum are replicated (`NamedSharding`); several hosts join
   through `jax.distributed` when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are
@@ -22,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bit_common import hyperrule, loop, precision, runtime
+from bit_common import checkpoint, hyperrule, loop, precision, runtime, trainable
 from bit_common.errors import BiTError, collective_peer_failure, peer_losses
+from bit_common.registry import Arch
 from bit_jax import models
 
 DATA_AXIS = "data"
@@ -52,24 +58,45 @@ def _module_key(module: models.ResNetV2) -> tuple:
     return (module.depth, module.width, module.num_classes, jnp.dtype(module.dtype).name)
 
 
-def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh) -> Callable:
+def trained_paths(module: models.ResNetV2, train: str) -> frozenset[str]:
+    """The flax paths ('/'-joined) of the parameters `--train train` fine-tunes."""
+    keys = checkpoint.expected_shapes(Arch(module.depth, module.width), module.num_classes)
+    return frozenset(models.param_path(k) for k in trainable.trained_keys(keys, train))
+
+
+def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh,
+                    train: str = "all") -> Callable:
     """`step((params, opt_state), batch, lr) -> ((params, opt_state), loss)`, jitted.
 
     `batch` holds image [B, H, W, 3], label [B], mixup_lambda [], mixup_perm [B]. Mixup is applied
     to the whole batch, then the batch is cut into `batch_split` contiguous micro-batches whose
-    gradients of (micro-loss / k) are summed by a `lax.scan`. Two compiled functions (the mixup
-    products, then the step proper); the state buffers are donated.
+    gradients of (micro-loss / k) are summed by a `lax.scan`. Only the parameters `--train train`
+    fine-tunes get gradients, momentum and updates; the others are returned as they came. Two
+    compiled functions (the mixup products, then the step proper); the state buffers are donated.
     """
-    key = (_module_key(module), batch_split, mesh.devices.tobytes(), tuple(mesh.devices.shape))
+    key = (_module_key(module), batch_split, mesh.devices.tobytes(), tuple(mesh.devices.shape),
+           train)
     if key in _STEP_CACHE:
         return _STEP_CACHE[key]
     tx = optax.trace(decay=hyperrule.MOMENTUM, nesterov=False)
     k = batch_split
     replicated = NamedSharding(mesh, P())
     ndev = mesh.devices.size
+    trained = trained_paths(module, train)
 
-    def micro_loss(params, x, y, y_mix, lam):
-        logits = module.apply({"params": params}, x)
+    def partition(tree):
+        """(trained, frozen) flat {path: leaf} dicts of a parameter-shaped tree."""
+        flat = traverse_util.flatten_dict(tree, sep="/")
+        return ({p: v for p, v in flat.items() if p in trained},
+                {p: v for p, v in flat.items() if p not in trained})
+
+    def merge(trained_flat, frozen_flat):
+        return traverse_util.unflatten_dict({**trained_flat, **frozen_flat}, sep="/")
+
+    def micro_loss(params, frozen, x, y, y_mix, lam):
+        # Differentiated in `params` (the trained ones) alone: the frozen layers are constants
+        # to autodiff, which then computes no gradient through them.
+        logits = module.apply({"params": merge(params, frozen)}, x)
         return jnp.mean(lam * _cross_entropy(logits, y) + (1 - lam) * _cross_entropy(logits, y_mix))
 
     grad_fn = jax.value_and_grad(micro_loss)
@@ -84,14 +111,15 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh) -> Ca
         return lam * x, (1 - lam) * x[perm]
 
     def core(state, batch, lr):
-        params, opt_state = state
+        params, frozen = partition(state[0])
+        trace, frozen_trace = partition(state[1].trace)
         lam = batch["mixup_lambda"].astype(jnp.float32)
         perm = batch["mixup_perm"]
         x = batch["image"] + batch["partner"]
         y = batch["label"]
         y_mix = y[perm]
         if k == 1:
-            loss, grads = grad_fn(params, x, y, y_mix, lam)
+            loss, grads = grad_fn(params, frozen, x, y, y_mix, lam)
         else:
             def split(a):
                 a = a.reshape(k, a.shape[0] // k, *a.shape[1:])
@@ -102,15 +130,16 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh) -> Ca
 
             def body(carry, micro):
                 g_acc, l_acc = carry
-                loss_i, g = grad_fn(params, *micro, lam)
+                loss_i, g = grad_fn(params, frozen, *micro, lam)
                 g_acc = jax.tree.map(lambda a, b: a + b / k, g_acc, g)
                 return (g_acc, l_acc + loss_i / k), None
 
             init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
             (grads, loss), _ = lax.scan(body, init, (split(x), split(y), split(y_mix)))
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, optax.TraceState(trace=trace), params)
         params = jax.tree.map(lambda p, u: p - lr.astype(p.dtype) * u, params, updates)
-        return (params, opt_state), loss
+        return (merge(params, frozen),
+                optax.TraceState(trace=merge(opt_state.trace, frozen_trace))), loss
 
     mix_fn = jax.jit(mix)
     core_fn = jax.jit(core, out_shardings=replicated, donate_argnums=(0,))
@@ -203,7 +232,7 @@ class JaxBackend(loop.Backend):
         self.is_chief = jax.process_index() == 0
         self.module = models.make_module(setup.arch, setup.num_classes, dtype)
         self.state = init_state(setup.params, self.mesh)
-        self._step = make_train_step(self.module, config.batch_split, self.mesh)
+        self._step = make_train_step(self.module, config.batch_split, self.mesh, config.train)
         self._eval = make_eval_step(self.module, self.mesh)
         self._eval_batch = config.batch_eval + (-config.batch_eval) % ndev
         self._eval_ds = None

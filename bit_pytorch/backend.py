@@ -2,6 +2,10 @@
 mixup, `--batch_split` gradient accumulation, evaluation sums, and the canonical state for
 checkpoints.
 
+`--train` freezes parameters by `requires_grad=False` and leaves them out of the optimizer, so
+they get no gradient (autograd then stops the backward pass at the first trained layer) and
+never move.
+
 Several processes (torchrun) train under DistributedDataParallel, each on its contiguous slice
 of the global `--batch`; rank 0 writes the logs and checkpoints (`bit_pytorch.train`).
 """
@@ -19,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bit_common import hyperrule, loop, precision
+from bit_common import hyperrule, loop, precision, trainable
 from bit_common.errors import BiTError, collective_peer_failure, peer_losses
 from bit_common.loop import RunSetup
 from bit_pytorch import data, models
@@ -106,14 +110,19 @@ class PyTorchBackend(loop.Backend):
 
         self.model = models.from_params(setup.arch, setup.params).to(
             self.device, memory_format=self.memory_format).train()
+        self.params = dict(self.model.named_parameters())
+        # Frozen before DDP wraps the model: it all-reduces the parameters that need a gradient.
+        trained = {models.param_name(k) for k in trainable.trained_keys(setup.params,
+                                                                        config.train)}
+        for name, p in self.params.items():
+            p.requires_grad_(name in trained)
         self.net: nn.Module = self.model
         if self.world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, gradient_as_bucket_view=True)
-        self.params = dict(self.model.named_parameters())
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0,
-                                         momentum=hyperrule.MOMENTUM, dampening=0.0,
+        self.optimizer = torch.optim.SGD([p for p in self.params.values() if p.requires_grad],
+                                         lr=0.0, momentum=hyperrule.MOMENTUM, dampening=0.0,
                                          weight_decay=0.0, nesterov=False)
         # One mixup shard per process keeps every partner inside this process's rows.
         self.plan = dataclasses.replace(setup.plan, shards=self.world)

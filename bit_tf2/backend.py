@@ -5,6 +5,10 @@
   are accumulated in a `tf.while_loop`; SGD with momentum and no weight decay written out as
   torch.optim.SGD does it (buf = 0.9 buf + g; p -= lr buf). Keras' SGD keeps v = 0.9 v - lr g,
   which differs from it whenever the learning rate changes, so it is not used.
+- `--train`: the tape's gradient is taken with respect to the trained variables only, and only
+  those are all-reduced and updated; frozen variables and their momentum are never written. The
+  gradient ops below the first trained layer feed no output, so the function runtime prunes
+  them (a `--train head` step costs what a forward pass does);
 - data parallelism with `tf.distribute.MirroredStrategy` over the local GPUs (or logical CPUs),
   `MultiWorkerMirroredStrategy` when TF_CONFIG describes several hosts: replica r trains on the
   r-th contiguous slice of the global batch, the per-replica gradients of (loss / replicas) are
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bit_common import checkpoint, hyperrule, loop, precision, runtime
+from bit_common import checkpoint, hyperrule, loop, precision, runtime, trainable
 from bit_common.errors import BiTError, peer_losses
 from bit_tf2 import data, models
 
@@ -168,13 +172,17 @@ class TF2Backend(loop.Backend):
                 self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
         finally:
             keras.mixed_precision.set_global_policy(previous)
+        trained = set(trainable.trained_keys(self.keys, config.train))
+        self.trained = [i for i, key in enumerate(self.keys) if key in trained]  # into params
         self._step = self._make_step()
         self._eval_step = self._make_eval_step()
         self._eval_ds = data.eval_dataset(setup, config.batch_eval)  # iterated at each eval
 
     # the compiled functions ------------------------------------------------------------------
     def _make_step(self):
-        model, params, k, replicas = self.model, self.params, self.batch_split, self.replicas
+        model, k, replicas = self.model, self.batch_split, self.replicas
+        params = [self.params[i] for i in self.trained]  # what --train fine-tunes
+        momenta = [self.momentum[i] for i in self.trained]
         scaling = self.loss_scaling
 
         def micro_grads(x, y, y_mix, lam, scale):
@@ -232,7 +240,7 @@ class TF2Backend(loop.Backend):
                 keep = tf.constant(1.0)
             # A skipped step is momentum 1, gradient 0 and learning rate 0: nothing moves.
             momentum = 1.0 - keep * (1.0 - hyperrule.MOMENTUM)
-            for p, buf, g in zip(params, self.momentum, grads):
+            for p, buf, g in zip(params, momenta, grads):
                 # The tf.Variable under the Keras variable: per-device copies when mirrored.
                 strategy.extended.update(p.value, _apply_momentum,
                                          args=(buf, g, keep * lr, momentum), group=False)

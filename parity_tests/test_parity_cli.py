@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, cli
+from bit_common import checkpoint, cli, trainable
 from bit_common.runlog import read_metrics
 from parity_tests.frameworks import FRAMEWORKS
 
@@ -47,16 +47,17 @@ def common_flags(logdir: Path, weights: Path, name: str, steps: int, *extra: str
             "--batch_eval", "120", "--steps", str(steps), *extra]
 
 
-@pytest.fixture(scope="module")
-def three_steps(tmp_path_factory, r50_npz):
-    """Each CLI trains 3 steps from the same checkpoint on the same few-shot digits.
+@pytest.fixture(scope="module", params=["all", "block3"])
+def three_steps(request, tmp_path_factory, r50_npz):
+    """Each CLI trains 3 steps from the same checkpoint on the same few-shot digits, with every
+    layer trained, then with `--train block3` (the root, block1 and block2 frozen).
 
     Step 1 has lr 0 (warm-up) and the head starts at zero, so step 3 is the first to move the
     backbone.
     """
-    logdir = tmp_path_factory.mktemp("parity_runs")
+    logdir = tmp_path_factory.mktemp(f"parity_runs_{request.param}")
     for fw in FRAMEWORKS:
-        train(fw, *common_flags(logdir, r50_npz.parent, fw, 3))
+        train(fw, *common_flags(logdir, r50_npz.parent, fw, 3, "--train", request.param))
     return logdir
 
 
@@ -95,15 +96,27 @@ def _worst_relative(states: dict, keys: list[str]) -> tuple[float, str]:
 
 def test_same_weights_and_loss_after_training_steps(three_steps, r50_params, report):
     states = {fw: _state(three_steps / fw) for fw in FRAMEWORKS}
-    key = "resnet/block1/unit01/a/standardized_conv2d/kernel"
+    trains = {json.loads((three_steps / fw / "config.json").read_text())["train"]
+              for fw in FRAMEWORKS}
+    assert len(trains) == 1
+    trained = trains.pop()
+    # The same frozen set in all three, --train's: bit-identical to the file, momentum zero.
+    frozen = {k for k in r50_params if not trainable.is_trained(k, trained)}
+    for fw, state in states.items():
+        assert {k for k in r50_params if "/head/" not in k
+                and np.array_equal(state[k], r50_params[k])} == frozen, fw
+        assert not any(state["momentum/" + k].any() for k in frozen), fw
+    first = trainable.first_trained_block(trained)
+    key = f"resnet/block{first}/unit01/a/standardized_conv2d/kernel"  # the first trained block
     moved = float(np.abs(states["pytorch"][key] - r50_params[key]).max())
     body = [k for k in states["pytorch"] if k.startswith("resnet/") and "/head/" not in k]
     head = [checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS]
     momenta = [k for k in states["pytorch"] if k.startswith("momentum/")]
     (b, b_at), (h, h_at), (m, m_at) = (_worst_relative(states, keys)
                                        for keys in (body, head, momenta))
-    report(f"3 CLI steps, max relative L2 |Δ|: body weights {b:.1e} ({b_at}), head {h:.1e} "
-           f"({h_at}), momentum {m:.1e} ({m_at}); body moved by up to {moved:.1e}")
+    report(f"3 CLI steps, --train {trained}, max relative L2 |Δ|: body weights {b:.1e} "
+           f"({b_at}), head {h:.1e} ({h_at}), momentum {m:.1e} ({m_at}); body moved by up to "
+           f"{moved:.1e}")
     assert moved > 1e-6  # the steps really changed the backbone
     assert b <= 1e-5
     # The zero-initialised head is nothing but its updates, which inherit the float32 difference
@@ -114,7 +127,7 @@ def test_same_weights_and_loss_after_training_steps(three_steps, r50_params, rep
     losses = {fw: [r["loss"] for r in read_metrics(three_steps / fw / "metrics.jsonl")
                    if r["type"] == "train"] for fw in FRAMEWORKS}
     d = max(abs(a - b) for fw in ("jax", "tf2") for a, b in zip(losses[fw], losses["pytorch"]))
-    report(f"3 CLI steps: max |Δ| loss {d:.2e}")
+    report(f"3 CLI steps, --train {trained}: max |Δ| loss {d:.2e}")
     assert d <= 1e-4
 
 

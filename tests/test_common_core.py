@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bit_common import cli, hyperrule, precision, registry
+from bit_common import checkpoint, cli, hyperrule, precision, registry, trainable
 from bit_common.datasets import (get_dataset, header_problem, image_hw, load_digits,
                                  pillow_image_problem, scan_image_folder, verify_images)
 from bit_common.errors import BiTError, DataError
@@ -154,6 +154,39 @@ def test_cli_defaults_are_the_originals():
 def test_cli_rejects_inconsistent_flags(flags, message):
     with pytest.raises(BiTError, match=message):
         cli.check_args(parse(*flags))
+
+
+def test_cli_train_choices(capsys):
+    assert parse().train == "all" and parse("--train", "block3").train == "block3"
+    with pytest.raises(SystemExit) as e:
+        parse("--train", "block9")
+    assert e.value.code == 2 and "invalid choice: 'block9'" in capsys.readouterr().err
+
+
+# ---- --train ------------------------------------------------------------------------------
+def test_trained_parameters_of_r50x1():
+    """Each --train value on the real R50x1 names: the head alone, or blockK..block4 with the
+    final norm and the head; the root only with `all`."""
+    keys = list(checkpoint.expected_shapes(registry.parse_arch("R50x1"), 10))
+    trained = {t: set(trainable.trained_keys(keys, t)) for t in trainable.TRAIN_CHOICES}
+    assert trained["all"] == set(keys)
+    assert trained["head"] == {checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS}
+    top = trained["head"] | {"resnet/group_norm/gamma", "resnet/group_norm/beta"}
+    units = registry.parse_arch("R50x1").units  # (3, 4, 6, 3)
+    for b in range(1, 5):
+        block = {k for k in keys if k.startswith(f"resnet/block{b}/")}
+        assert len(block) == 9 * units[b - 1] + 1  # 3 norms (2 each), 3 kernels, 1 projection
+        later = {k for k in keys if any(k.startswith(f"resnet/block{c}/") for c in range(b, 5))}
+        assert trained[f"block{b}"] == later | top
+    assert set(keys) - trained["block1"] == {checkpoint.ROOT_KERNEL}
+    assert [len(trained[t]) for t in trainable.TRAIN_CHOICES] == [153, 2, 152, 124, 87, 32]
+    assert trainable.is_trained("resnet/block3/unit01/a/proj/standardized_conv2d/kernel", "block3")
+    assert not trainable.is_trained("resnet/block2/unit04/c/group_norm/beta", "block3")
+    assert "root, block1, block2 frozen" in trainable.describe("block3")
+    with pytest.raises(ValueError, match="canonical"):
+        trainable.is_trained("body.block1.unit01.conv1.weight", "block2")
+    with pytest.raises(ValueError, match="block9"):
+        trainable.is_trained(checkpoint.HEAD_BIAS, "block9")
 
 
 # ---- datasets -----------------------------------------------------------------------------

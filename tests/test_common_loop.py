@@ -224,6 +224,30 @@ def test_corrupt_or_foreign_checkpoint_is_never_overwritten(run, tmp_path):
     assert code == 2 and "--batch was 16, now 8" in err
 
 
+def test_train_flag_is_logged_recorded_and_part_of_the_resume_identity(run):
+    code, err, run_dir = run("--steps", "2", "--train", "block3", name="partial")
+    assert code == 0, err
+    assert "--train block3: block3-block4, the final group norm and the head trained; root, " \
+           "block1, block2 frozen" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / loop.CONFIG).read_text())["train"] == "block3"
+    code, err, _ = run("--steps", "4", "--train", "head", name="partial")
+    assert code == 2 and "--train was 'block3', now 'head'" in err
+    assert run("--steps", "4", "--train", "block3", name="partial")[0] == 0
+    # A run of the default `all` says nothing of it, and one whose checkpoint predates the flag
+    # resumes as `all`, which it was.
+    code, _, run_dir = run("--steps", "2", name="whole")
+    assert code == 0 and "--train" not in (run_dir / "train.log").read_text()
+    state = state_of(run_dir)
+    config = json.loads(str(state["meta/config"]))
+    del config["train"]
+    checkpoint.atomic_savez(run_dir / loop.CHECKPOINT,
+                            {**state, "meta/config": np.asarray(json.dumps(config))})
+    code, err, _ = run("--steps", "4", name="whole")
+    assert code == 0, err
+    code, err, _ = run("--steps", "6", "--train", "head", name="whole")
+    assert code == 2 and "--train was 'all', now 'head'" in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--model", "BiT-M-R50x2"), "Unknown model 'BiT-M-R50x2'. Did you mean"),
     (("--dataset", "digit"), "Unknown dataset 'digit'. Did you mean: digits"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, loop, runtime
+from bit_common import checkpoint, loop, runtime, trainable
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
 from conftest import (MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, random_images, run_setup,
@@ -205,11 +205,13 @@ def step_inputs(r50_params):
     return r50_params, batch, mesh, module
 
 
-def _one_step(step_inputs, batch_split: int, lr: float = 0.1):
+def _one_step(step_inputs, batch_split: int, lr: float = 0.1, trained: str = "all",
+              steps: int = 1):
     params, batch, mesh, module = step_inputs
-    step = train.make_train_step(module, batch_split, mesh)
-    state, loss = step(train.init_state(params, mesh), train.shard_batch(batch, mesh),
-                       np.float32(lr))
+    step = train.make_train_step(module, batch_split, mesh, trained)
+    state = train.init_state(params, mesh)
+    for _ in range(steps):
+        state, loss = step(state, train.shard_batch(batch, mesh), np.float32(lr))
     return train.state_to_canonical(state, parse_arch("R50x1"), 10), float(loss)
 
 
@@ -250,6 +252,25 @@ def test_batch_split_equals_full_batch(step_inputs, step1):
         diff = update_difference(full, split, start, prefix)
         print(f"split 4 vs 1, {prefix}: relative L2 of the update {diff:.1e}")
         assert diff < UPDATE_TOLERANCE, prefix
+
+
+@pytest.mark.parametrize("trained, split", [("head", 1), ("block3", 2)])
+def test_partial_training_moves_the_trained_and_nothing_else(step_inputs, trained, split):
+    """Two steps at a high learning rate (the file's head, so the backbone gets gradients from
+    the first step), through the micro-batch scan for block3: every frozen parameter and its
+    momentum are bit-identical to the start, every trained one has moved."""
+    new, loss = _one_step(step_inputs, split, lr=0.5, trained=trained, steps=2)
+    assert np.isfinite(loss)
+    params = step_inputs[0]
+    keys = set(trainable.trained_keys(params, trained))
+    assert keys and len(keys) < len(params)
+    for k in params:
+        if k in keys:
+            assert np.abs(new[k] - params[k]).max() > 0, k
+            assert np.abs(new["momentum/" + k]).max() > 0, k
+        else:
+            np.testing.assert_array_equal(new[k], params[k], err_msg=k)
+            assert not new["momentum/" + k].any(), k
 
 
 def test_bf16_backend_computes_in_bfloat16(monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bit_common import checkpoint, precision, runlog
+from bit_common import checkpoint, precision, runlog, trainable
 from bit_pytorch import backend as torch_backend
 from bit_pytorch import data, models
 from bit_pytorch.backend import PyTorchBackend
@@ -172,6 +172,43 @@ def test_mixup_step_matches_manual_computation(r50_npz):
     want = models.to_params(model)
     worst = max(float(np.abs(state[k] - want[k]).max()) for k in want)
     assert worst < 1e-5
+
+
+# ---- --train: partial fine-tuning ---------------------------------------------------------------
+@pytest.mark.parametrize("train, split, name, npz, lr", [
+    ("head", 1, "fp32", "r50_npz", 0.5),
+    ("block3", 2, "fp32", "r50_npz", 0.5),
+    # GradScaler's unscale and step see the trained only; at 0.5 the second step overflows.
+    ("block3", 1, "fp16", "tame_npz", 0.1),
+])
+def test_partial_training_moves_the_trained_and_nothing_else(train, split, name, npz, lr,
+                                                             request):
+    """Two steps at a high learning rate (the file's head, so the backbone gets gradients from
+    the first step): every frozen parameter and its momentum stay bit-identical and get no
+    gradient at all (the backward pass stops at the first trained layer); every trained one
+    moves."""
+    if name != "fp32":
+        request.getfixturevalue("mixed_on_cpu")
+    be = make_backend(request.getfixturevalue(npz), batch_split=split, keep_head=True,
+                      extra=["--train", train, "--precision", name])
+    start = be.get_state()
+    batch = first_batch(be)
+    for _ in range(2):
+        assert np.isfinite(be.train_step(batch, lr))
+    state = be.get_state()
+    trained = set(trainable.trained_keys(be.setup.params, train))
+    assert trained and len(trained) < len(be.setup.params)
+    for k in be.setup.params:
+        p = be.params[models.param_name(k)]
+        if k in trained:
+            assert np.abs(state[k] - start[k]).max() > 0, k
+            assert np.abs(state["momentum/" + k]).max() > 0, k
+        else:
+            np.testing.assert_array_equal(state[k], start[k], err_msg=k)
+            assert not state["momentum/" + k].any(), k
+            assert p.grad is None and not p.requires_grad, k
+    if name == "fp16":
+        assert precision.read_loss_scale(state) == (precision.LOSS_SCALE_INIT, 2)
 
 
 # ---- mixed precision, run on the CPU ------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bit_common import checkpoint, loop, precision
+from bit_common import checkpoint, loop, precision, trainable
 from bit_common.runlog import read_metrics
 from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, run_setup, update_difference
 
@@ -194,6 +194,28 @@ def test_sgd_is_torch_sgd(backend):
     s2 = backend.get_state()
     np.testing.assert_allclose(s2[mom], 0.9 * g1 + g2, atol=1e-5)
     np.testing.assert_allclose(s2[bias], s1[bias] - 0.01 * (0.9 * g1 + g2), atol=1e-5)
+
+
+@pytest.mark.parametrize("trained, split", [("head", "1"), ("block3", "2")])
+def test_partial_training_moves_the_trained_and_nothing_else(r50_npz, trained, split):
+    """Two steps at a high learning rate (the file's head, so the backbone gets gradients from
+    the first step), through the micro-batch loop for block3: every frozen variable and its
+    momentum are bit-identical to the start, every trained one has moved."""
+    be = train.TF2Backend(_setup(r50_npz.parent, "--train", trained, "--batch_split", split))
+    start = be.get_state()
+    batch = _mixup_batch(be.setup)
+    for _ in range(2):
+        assert np.isfinite(be.train_step(batch, 0.5))
+    state = be.get_state()
+    keys = set(trainable.trained_keys(be.setup.params, trained))
+    assert keys and len(keys) < len(be.setup.params)
+    for k in be.setup.params:
+        if k in keys:
+            assert np.abs(state[k] - start[k]).max() > 0, k
+            assert np.abs(state[loop.MOMENTUM_PREFIX + k]).max() > 0, k
+        else:
+            np.testing.assert_array_equal(state[k], start[k], err_msg=k)
+            assert not state[loop.MOMENTUM_PREFIX + k].any(), k
 
 
 # ---- mixed precision, run on the CPU -----------------------------------------------------------
