@@ -5,7 +5,10 @@ metrics.jsonl holds one JSON object per line:
   {"type": "train", "step": 12, "loss": 2.31, "lr": 0.00033, "img_per_s": 41.2, "time": ...}
   {"type": "eval", "step": 100, "top1": 0.91, "top5": 0.99, "loss": 0.35, "time": ...}
 `step` counts the optimizer steps completed when the record was written; a train record's `lr`
-is the learning rate its update used; `time` is seconds since the epoch.
+is the learning rate its update used; `time` is seconds since the epoch. A train record's
+`img_per_s` is that one step's figure: the global batch divided by the wall-clock duration of
+its `train_step` call (forward, backward and update, until the loss is back on the host), so
+waiting for the batch, evaluation and checkpoints are left out of it.
 
 The run folder's TensorBoard event file (`events.out.tfevents.*`) holds the same values at the
 same steps, under the tags `train/loss`, `train/lr`, `train/img_per_s`, `eval/loss`, `eval/top1`
@@ -17,6 +20,10 @@ enough: the default loader of `tensorboard --logdir` (its Rust data server) igno
 would keep an interrupted run's last evaluation whenever the resumed run does not evaluate at
 that step again. The new file still starts with such a marker (at step 1), for the Python loader
 should an old file survive.
+
+The console line (and train.log) shows the speed and ETA of the wall clock instead: the time
+between consecutive steps, waiting for data and evaluations included, smoothed as tqdm smooths
+its rate (an exponential moving average), so it follows a change of pace within a few steps.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from typing import Any, TextIO
 
 TRAIN_FIELDS = ("step", "loss", "lr", "img_per_s")
 EVAL_FIELDS = ("step", "top1", "top5", "loss")
+# Weight of the newest step in the console's pace (tqdm's default smoothing): after the pace
+# changes, the estimate has covered 83 % of the change in 5 steps and 94 % in 8.
+SMOOTHING = 0.3
 # Event files are flushed at every evaluation, at the end, and at least this often in between,
 # so a running TensorBoard follows the run and a killed run leaves its points readable.
 FLUSH_SECS = 10.0
@@ -69,13 +79,15 @@ def truncate_metrics(path: Path, last_step: int) -> list[dict[str, Any]]:
 class RunLog:
     """Writes train.log, metrics.jsonl, the event file and the console; only the chief process
     writes files, and with `echo` False (the other processes of a multi-process run) nothing is
-    printed."""
+    printed. `clock` (seconds, monotonic) times the console's pace."""
 
     def __init__(self, run_dir: Path | None, resume_step: int = 0,
-                 console: TextIO | None = None, echo: bool = True):
+                 console: TextIO | None = None, echo: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
         self.console = (console or sys.stdout) if echo else None
         self._echo = echo
         self._log = self._metrics = self._events = None
+        self._pace = _Pace(clock)
         if run_dir is not None:
             kept = truncate_metrics(run_dir / "metrics.jsonl", resume_step)
             self._log = open(run_dir / "train.log", "a", buffering=1)
@@ -103,10 +115,15 @@ class RunLog:
         if self._events:
             self._events.add(kind, step, fields, now, flush=flush)
 
-    def train(self, step: int, loss: float, lr: float, img_per_s: float, eta_s: float) -> None:
-        self._record("train", step, loss=loss, lr=lr, img_per_s=round(img_per_s, 2))
-        self.info(f"[step {step}] loss={loss:.5f} lr={lr:.3e} {img_per_s:.1f} img/s "
-                  f"ETA {_hms(eta_s)}")
+    def train(self, step: int, loss: float, lr: float, images: int, step_s: float,
+              end_step: int) -> None:
+        """Log optimizer step `step` (of `end_step`), which trained on `images` images in a
+        `train_step` call of `step_s` seconds."""
+        self._record("train", step, loss=loss, lr=lr, img_per_s=round(images / step_s, 2))
+        pace = self._pace.tick(step)  # wall-clock seconds per step; None at the first step
+        speed, eta = (("?", "?") if pace is None else
+                      (f"{images / pace:.1f}", _hms(pace * (end_step - step))))
+        self.info(f"[step {step}] loss={loss:.5f} lr={lr:.3e} {speed} img/s ETA {eta}")
 
     def eval(self, step: int, top1: float, top5: float, loss: float) -> None:
         self._record("eval", step, flush=True, top1=top1, top5=top5, loss=loss)
@@ -118,6 +135,28 @@ class RunLog:
         for f in (self._log, self._metrics):
             if f:
                 f.close()
+
+
+class _Pace:
+    """Wall-clock seconds per step: an exponential moving average of the time between
+    consecutive ticks, bias-corrected as tqdm's (the first interval counts fully).
+
+    The first tick only starts the clock: the time before it is start-up and compilation."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._last: tuple[float, int] | None = None  # (time, step) of the last tick
+        self._mean = self._weight = 0.0  # the average, and its weight 1 - (1 - SMOOTHING)^n
+
+    def tick(self, step: int) -> float | None:
+        """Step `step` is done now: the seconds per step so far (None at the first tick)."""
+        now, last = self._clock(), self._last
+        self._last = (now, step)
+        if last is not None and step > last[1]:
+            per_step = (now - last[0]) / (step - last[1])
+            self._mean = SMOOTHING * per_step + (1 - SMOOTHING) * self._mean
+            self._weight = SMOOTHING + (1 - SMOOTHING) * self._weight
+        return self._mean / self._weight if self._weight else None
 
 
 class _EventFile:

@@ -1,10 +1,11 @@
-"""RunLog: a TensorBoard event file that says what metrics.jsonl says, also after a kill and a
-resume."""
+"""RunLog: TensorBoard event files that say what metrics.jsonl says, also after a kill and a
+resume, and a console pace that follows the wall clock."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 from bit_common.runlog import RunLog
 log = RunLog(Path(sys.argv[1]))
 for step in range(1, 6):
-    log.train(step, 2.0 / step, 1e-3 * step, 80.0 / step, 1.0)
+    log.train(step, 2.0 / step, 1e-3 * step, 8, 0.1 * step, 10)
     if step in (3, 5):
         log.eval(step, 0.1 * step, 0.15 * step, 1.0 / step)
 os._exit(9)
@@ -51,7 +52,7 @@ def test_event_files_hold_the_metrics_after_a_kill_and_a_resume(tmp_path):
     # a point where only a purge step would hide it).
     log = RunLog(tmp_path, resume_step=3, console=io.StringIO())
     for step in range(4, 7):
-        log.train(step, 3.0 / step, 2e-3 * step, 40.0 / step, 1.0)
+        log.train(step, 3.0 / step, 2e-3 * step, 8, 0.2 * step, 6)
     log.eval(6, 0.7, 0.8, 0.5)
     log.close()
     files = list(tmp_path.glob("events.out.tfevents.*"))
@@ -61,6 +62,7 @@ def test_event_files_hold_the_metrics_after_a_kill_and_a_resume(tmp_path):
     assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert got["train/loss"][3] == (4, pytest.approx(3.0 / 4))
     assert [s for s, _ in got["eval/top1"]] == [3, 6]
+    assert want["train/img_per_s"][:2] == [(1, 80.0), (2, 40.0)]  # 8 images / step_s
 
 
 def test_a_failed_event_write_warns_once_and_training_goes_on(tmp_path, monkeypatch, capsys):
@@ -70,7 +72,7 @@ def test_a_failed_event_write_warns_once_and_training_goes_on(tmp_path, monkeypa
     monkeypatch.setattr(runlog._tensorboardx().EventsWriter, "write_event", full)
     log = RunLog(tmp_path, console=io.StringIO())
     for step in range(1, 5):
-        log.train(step, 1.0, 0.1, 80.0, 1.0)
+        log.train(step, 1.0, 0.1, 8, 0.1, 4)
     log.eval(4, 0.5, 0.9, 1.0)
     log.close()
     err = capsys.readouterr().err
@@ -84,9 +86,36 @@ def test_writing_events_does_not_import_pytorch(tmp_path):
     """tensorboardX imports PyTorch when it can; a JAX or TF2 run must not load it."""
     code = ("import sys\nfrom pathlib import Path\nfrom bit_common.runlog import RunLog\n"
             "log = RunLog(Path(sys.argv[1]), echo=False)\n"
-            "log.train(1, 1.0, 0.1, 80.0, 1.0)\nlog.close()\n"
+            "log.train(1, 1.0, 0.1, 8, 0.1, 2)\nlog.close()\n"
             "print('torch' in sys.modules, 'tensorboardX' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["False", "True"], proc.stderr
     assert tensorboard_scalars(tmp_path)["train/loss"] == [(1, 1.0)]
+
+
+def _seconds(hms: str) -> int:
+    h, m, s = (int(x) for x in hms.split(":"))
+    return 3600 * h + 60 * m + s
+
+
+def test_the_console_pace_follows_the_wall_clock(tmp_path):
+    """train_step stays at 0.1 s while each step comes to take 7 s of wall clock (the batch is
+    late): the printed speed and ETA follow within a few steps, and metrics.jsonl keeps the
+    step's own figure."""
+    now, console, end = [0.0], io.StringIO(), 1000
+    log = RunLog(tmp_path, console=console, clock=lambda: now[0])
+    for step in range(1, 31):
+        now[0] += 0.1 if step <= 20 else 7.0
+        log.train(step, 1.0, 0.1, 8, 0.1, end)
+    log.close()
+    lines = re.findall(r"\[step (\d+)\] .* (\S+) img/s ETA (\S+)", console.getvalue())
+    pace = {int(s): (speed, eta) for s, speed, eta in lines}
+    assert pace[1] == ("?", "?")  # the first step only starts the clock
+    assert float(pace[20][0]) == pytest.approx(80.0)
+    assert abs(_seconds(pace[20][1]) - 0.1 * (end - 20)) <= 1
+    for step, share in ((25, 0.8), (28, 0.9)):  # 5 and 8 steps after the change
+        eta, rest = _seconds(pace[step][1]), 7.0 * (end - step)
+        assert share * rest <= eta <= rest, (step, pace[step])
+        assert 8 / 7.0 <= float(pace[step][0]) <= 8 / (share * 7.0)
+    assert {r["img_per_s"] for r in read_metrics(tmp_path / "metrics.jsonl")} == {80.0}
