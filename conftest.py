@@ -37,6 +37,7 @@ def pytest_configure(config):
 
 from bit_common import checkpoint
 from bit_common.registry import parse_arch
+from bit_common.runlog import read_metrics
 
 
 @pytest.fixture(scope="session")
@@ -141,3 +142,24 @@ def run_setup(framework: str, *flags: str, params: dict | None = None):
          *flags])
     fw = importlib.import_module(f"bit_{framework}.train").FRAMEWORK
     return loop.make_setup(args, fw, params=params)
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of a run folder's event files as TensorBoard's own reader
+    loads them: every file in name order, a resumed run's purge applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def metrics_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl in the same form: each field of a record as `<type>/<field>`, its value
+    rounded to float32 as event files store it."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        for k, v in r.items():
+            if k not in ("type", "step", "time"):
+                out.setdefault(f"{r['type']}/{k}", []).append((r["step"], float(np.float32(v))))
+    return out

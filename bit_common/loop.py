@@ -382,7 +382,6 @@ class Trainer:
                  + ("" if args.train == "all" else f"; {trainable.describe(args.train)}"))
         save_every = args.save_every or args.eval_every
         self._install_signal_handlers()
-        step_times: list[float] = []
         for step in range(start, end):
             lr = hyperrule.get_lr(step, n, args.base_lr)
             got, batch = next(batches)
@@ -391,15 +390,14 @@ class Trainer:
                                f"step {step} was expected.")
             t0 = time.perf_counter()
             loss = backend.train_step(batch, lr)
-            step_times.append(time.perf_counter() - t0)
+            step_s = time.perf_counter() - t0
             done = step + 1
             if not math.isfinite(loss):
                 raise BiTError(
                     f"The training loss became {loss} at step {done} (lr {lr:.3g}). Training "
                     f"stopped; the last good checkpoint in {run_dir} is kept. Lower --base_lr or "
                     f"check the data.")
-            recent = float(np.median(step_times[-20:]))
-            log.train(done, loss, lr, args.batch / recent, recent * (end - done))
+            log.train(done, loss, lr, args.batch, step_s, end)
             last = done == end
             if (args.eval_every and done % args.eval_every == 0) or last:
                 log.eval(done, **eval_metrics(backend.eval_sums()))

@@ -21,8 +21,8 @@ import pytest
 from bit_common import checkpoint, loop, runtime, trainable
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
-from conftest import (MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, random_images, run_setup,
-                      update_difference)
+from conftest import (MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, metrics_scalars, random_images,
+                      run_setup, tensorboard_scalars, update_difference)
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("flax")
@@ -110,6 +110,8 @@ def test_halves_with_resume_equal_straight(straight, base_args, logdir):
         la = [r["loss"] for r in ra if r["type"] == kind]
         lb = [r["loss"] for r in rb if r["type"] == kind]
         np.testing.assert_allclose(la, lb, atol=1e-6)
+    # TensorBoard reads the same losses from the two event files, one point per step.
+    assert tensorboard_scalars(halves)["train/loss"] == metrics_scalars(halves)["train/loss"]
 
 
 def test_finished_run_resumes_to_nothing(straight, base_args):

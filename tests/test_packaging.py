@@ -86,3 +86,12 @@ def test_every_install_can_plot():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())
     base = {Requirement(r).name for r in table["project"]["dependencies"]}
     assert "matplotlib" in base
+
+
+def test_every_install_writes_and_reads_tensorboard_files():
+    """The run folder's event files (tensorboardX) and the `tensorboard` command come with every
+    install, through the base requirements, and the installed versions satisfy them."""
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    base = {r.name: r for r in map(Requirement, table["project"]["dependencies"])}
+    for name in ("tensorboardX", "tensorboard"):
+        assert importlib.metadata.version(name) in base[name].specifier, name

@@ -17,7 +17,8 @@ from bit_pytorch import backend as torch_backend
 from bit_pytorch import data, models
 from bit_pytorch.backend import PyTorchBackend
 from bit_pytorch.train import main
-from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, run_setup, update_difference
+from conftest import (MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, metrics_scalars, run_setup,
+                      tensorboard_scalars, update_difference)
 
 ROOT = Path(__file__).resolve().parents[1]
 # One OpenMP thread: fast and deterministic on a shared 2-core machine.
@@ -74,6 +75,8 @@ def test_cli_run_writes_everything_and_resumes_identically(r50_npz, ckpt_dir, tm
         assert ra["loss"] == rb["loss"]
         if ra["type"] == "eval":
             assert ra["top1"] == rb["top1"] and ra["top5"] == rb["top5"]
+    # TensorBoard reads the same losses from the two event files, one point per step.
+    assert tensorboard_scalars(run)["train/loss"] == metrics_scalars(run)["train/loss"]
     # The final model is a released-layout file with the task's head.
     final = models.load_npz(run / "model.npz")
     assert final.num_classes == 10

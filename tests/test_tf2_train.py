@@ -14,7 +14,8 @@ import pytest
 
 from bit_common import checkpoint, loop, precision, trainable
 from bit_common.runlog import read_metrics
-from conftest import MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, run_setup, update_difference
+from conftest import (MIXED_UPDATE_TOLERANCE, UPDATE_TOLERANCE, metrics_scalars, run_setup,
+                      tensorboard_scalars, update_difference)
 
 tf = pytest.importorskip("tensorflow")
 train = pytest.importorskip("bit_tf2.backend")
@@ -102,6 +103,9 @@ def test_resume_matches_straight_run(straight, tmp_path, r50_npz):
     assert [(r["type"], r["step"]) for r in ra] == [(r["type"], r["step"]) for r in rb]
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    # TensorBoard reads the same losses from the two event files, one point per step.
+    halves = tmp_path / "halves"
+    assert tensorboard_scalars(halves)["train/loss"] == metrics_scalars(halves)["train/loss"]
     # A finished run does nothing when started again.
     assert main(argv + ["--steps", "4"]) == 0
 
