@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from bit_common.errors import unknown_name
+from bit_common.vtab import VTAB_CLASSES, VTAB_TASKS  # noqa: F401 (re-exported)
 
 BASE_URL = "https://storage.googleapis.com/bit_models/"
 
@@ -17,20 +18,6 @@ UNITS: dict[int, tuple[int, int, int, int]] = {
 }
 ARCHITECTURES: tuple[str, ...] = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 VTAB_ARCHITECTURES: tuple[str, ...] = ("R50x1", "R101x1", "R50x3", "R101x3", "R152x4")
-VTAB_TASKS: tuple[str, ...] = (
-    "caltech101", "diabetic_retinopathy", "dtd", "oxford_flowers102", "oxford_iiit_pet",
-    "resisc45", "sun397", "cifar100", "eurosat", "patch_camelyon", "smallnorb-elevation", "svhn",
-    "dsprites-orientation", "smallnorb-azimuth", "clevr-distance", "clevr-count", "dmlab",
-    "kitti-distance", "dsprites-xpos",
-)
-# Number of classes of each VTAB-1k task (the size of the fine-tuned head).
-VTAB_CLASSES: dict[str, int] = {
-    "caltech101": 102, "diabetic_retinopathy": 5, "dtd": 47, "oxford_flowers102": 102,
-    "oxford_iiit_pet": 37, "resisc45": 45, "sun397": 397, "cifar100": 100, "eurosat": 10,
-    "patch_camelyon": 2, "smallnorb-elevation": 9, "svhn": 10, "dsprites-orientation": 16,
-    "smallnorb-azimuth": 18, "clevr-distance": 6, "clevr-count": 8, "dmlab": 6,
-    "kitti-distance": 4, "dsprites-xpos": 16,
-}
 IMAGENET21K_CLASSES = 21843
 ILSVRC_CLASSES = 1000
 
