@@ -32,8 +32,9 @@ test: install
 test-slow: install
 	$(PYTEST) -m slow -q
 
+# The same two workers: the CLI runs in one, the models and pipelines in the other.
 parity: install
-	$(PYTEST) parity_tests -q
+	$(PYTEST) parity_tests -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
 	$(PY) -m benchmarks.bench
