@@ -17,6 +17,8 @@ with (R, crop) = `setup.plan.train_size`; evaluation resizes straight to (crop, 
 Where the images come from:
 
 - `digits`: uint8 arrays in memory (`Split.images`).
+- `vtab/<task>`: uint8 images in memory, read by `bit_common.tfds_source` (which bit_pytorch
+  reads them with too); images of different sizes are an object array, fetched by index.
 - `imagefolder` (and `imagenet2012` when --datadir holds `train/` and `val/` folders): files
   (`Split.paths`), read and decoded with `tf.io.decode_image(channels=3,
   expand_animations=False)` in a `tf.py_function`. A file that does not decode gives a 1x1
@@ -51,6 +53,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
+from bit_common import tfds_source
 from bit_common.datasets import DatasetInfo, Split, local_splits, undecodable_message
 from bit_common.errors import DataError
 from bit_common.loop import RunConfig, RunSetup
@@ -75,6 +78,8 @@ def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
     tfds `info.eval_split`): labels, plus images in memory, file paths or a tfds handle."""
     if info.name == "digits" or _image_folders(config, info):
         return local_splits(info, config.datadir, config.skip_bad_images)
+    if info.vtab is not None:
+        return tfds_source.load_vtab_splits(info.vtab, config.datadir)
     if info.tfds_name:
         builder = _tfds_builder(config, info)
         return _load_tfds(builder, info, info.train_split), _load_tfds(builder, info,
@@ -257,6 +262,8 @@ class _Source:
 
 def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
     """Random access to the images of `split` (`needed`: split indices the caller will ask for)."""
+    if split.images is not None and split.images.dtype == object:  # sizes differ
+        return _Source(_without_error(_ragged_fetch(split.images)))
     if split.images is not None:
         images = tf.constant(_rgb_uint8(split.images))
         return _Source(_without_error(lambda i: tf.gather(images, i)))
@@ -269,6 +276,19 @@ def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
         encoded = tf.constant(split.encoded, tf.string)
         return _Source(_without_error(lambda i: _decode_bytes(tf.gather(encoded, i))))
     return _large_tfds_source(split, needed, what)
+
+
+def _ragged_fetch(images: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Image `i` of an object array of uint8 [H, W, 3] images of different sizes."""
+    def get(i: np.ndarray) -> np.ndarray:
+        return images[int(i)]
+
+    def fetch(i: tf.Tensor) -> tf.Tensor:
+        img = tf.numpy_function(get, [i], tf.uint8, stateful=False)
+        img.set_shape([None, None, 3])
+        return img
+
+    return fetch
 
 
 def _large_tfds_source(split: TfdsSplit, needed: np.ndarray | None, what: str) -> _Source:
