@@ -158,7 +158,8 @@ def preprocess_train(images_uint8: np.ndarray, resize: int, crop: int, offsets: 
 
 
 class _SplitImages:
-    """Image `i` of a Split as uint8 HWC, decoded from its file when the split holds paths."""
+    """Image `i` of a Split as uint8 HWC, decoded from its file when the split holds paths (or
+    from its bytes, a VTAB split's evaluation images)."""
 
     def __init__(self, split: Split):
         self.split = split
@@ -166,6 +167,8 @@ class _SplitImages:
     def __call__(self, i: int) -> np.ndarray:
         if self.split.images is not None:
             return self.split.images[i]
+        if isinstance(self.split, tfds_source.VtabSplit):  # encoded: the tf.data pipeline's decoder
+            return self.split.image(i)
         path = self.split.paths[i]
         try:
             return decode(path)

@@ -17,8 +17,9 @@ with (R, crop) = `setup.plan.train_size`; evaluation resizes straight to (crop, 
 Where the images come from:
 
 - `digits`: uint8 arrays in memory (`Split.images`).
-- `vtab/<task>`: uint8 images in memory, read by `bit_common.tfds_source` (which bit_pytorch
-  reads them with too); images of different sizes are an object array, fetched by index.
+- `vtab/<task>`: a `tfds_source.VtabSplit`, read by `bit_common.tfds_source` exactly as
+  bit_pytorch reads it: the training images decoded in memory (an object array where their
+  sizes differ, fetched by index), the evaluation images encoded, decoded by its `image(i)`.
 - `imagefolder` (and `imagenet2012` when --datadir holds `train/` and `val/` folders): files
   (`Split.paths`), read and decoded with `tf.io.decode_image(channels=3,
   expand_animations=False)` in a `tf.py_function`. A file that does not decode gives a 1x1
@@ -263,13 +264,16 @@ class _Source:
 def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
     """Random access to the images of `split` (`needed`: split indices the caller will ask for)."""
     if split.images is not None and split.images.dtype == object:  # sizes differ
-        return _Source(_without_error(_ragged_fetch(split.images)))
+        images = split.images
+        return _Source(_without_error(_numpy_fetch(lambda i: images[i])))
     if split.images is not None:
         images = tf.constant(_rgb_uint8(split.images))
         return _Source(_without_error(lambda i: tf.gather(images, i)))
     if split.paths is not None:
         paths = tf.constant(split.paths, tf.string)
         return _Source(lambda i: _read_file(tf.gather(paths, i)))
+    if isinstance(split, tfds_source.VtabSplit):  # the decoder bit_pytorch uses too
+        return _Source(_without_error(_numpy_fetch(split.image)))
     if not isinstance(split, TfdsSplit):
         raise DataError(f"The {what} split holds neither images, paths nor a tfds handle.")
     if split.encoded is not None:
@@ -278,10 +282,10 @@ def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
     return _large_tfds_source(split, needed, what)
 
 
-def _ragged_fetch(images: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Image `i` of an object array of uint8 [H, W, 3] images of different sizes."""
+def _numpy_fetch(image: Callable[[int], np.ndarray]) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Image `i` (uint8 [H, W, 3], sizes differing) from a numpy function of the index."""
     def get(i: np.ndarray) -> np.ndarray:
-        return images[int(i)]
+        return image(int(i))
 
     def fetch(i: tf.Tensor) -> tf.Tensor:
         img = tf.numpy_function(get, [i], tf.uint8, stateful=False)

@@ -8,7 +8,9 @@ lists would give counts outside 3..10.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -49,14 +51,29 @@ def _clevr_scene(i: int) -> dict:
                         rng.uniform(0, 20, (k, 3)).astype(np.float32)}}
 
 
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "PNG")
+    return out.getvalue()
+
+
 def _clevr_as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    """The scenes as tfds' clevr gives them: the image encoded (PNG) where it is not decoded."""
     CLEVR_SPLITS.append(str(split))
     n = CLEVR_TEST if "validation" in str(split) else N
+    encoded = bool(decoders and "image" in decoders)
+
+    def scenes():
+        for i in range(n):
+            scene = _clevr_scene(i)
+            yield {**scene, "image": _png(scene["image"])} if encoded else scene
+    image = tf.TensorSpec([], tf.string) if encoded else tf.TensorSpec([None, None, 3], tf.uint8)
     return tf.data.Dataset.from_generator(
-        lambda: (_clevr_scene(i) for i in range(n)),
-        output_signature={"image": tf.TensorSpec([None, None, 3], tf.uint8),
-                          "objects": {"size": tf.TensorSpec([None], tf.int64),
-                                      "pixel_coords": tf.TensorSpec([None, 3], tf.float32)}})
+        scenes, output_signature={"image": image, "objects": {
+            "size": tf.TensorSpec([None], tf.int64),
+            "pixel_coords": tf.TensorSpec([None, 3], tf.float32)}})
 
 
 def mocked(task: str):
@@ -65,15 +82,16 @@ def mocked(task: str):
     return tfds.testing.mock_data(num_examples=N, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-def expected(task: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and first image of the mocked training split, worked out here independently."""
+def expected(task: str, split: str = "train800val200") -> tuple[np.ndarray, np.ndarray]:
+    """Labels and first image of a mocked split, worked out here independently (the images as
+    tfds itself decodes them)."""
     if task == "clevr-count":
         first = _clevr_scene(0)["image"]
-        return np.arange(N) % 8, first
+        return np.arange(N if split == "train800val200" else CLEVR_TEST) % 8, first
     t = vtab.get_task(task)
     with mocked(task):
         examples = list(tfds.as_numpy(tfds.builder(t.tfds_name).as_dataset(
-            split=t.split("train800val200"), shuffle_files=False)))
+            split=t.split(split), shuffle_files=False)))
     if task == "cifar100":
         return np.array([ex["label"] for ex in examples]), examples[0]["image"]
     # dsprites: orientation index 0..39 in 16 classes of 2.5; 0/1 pixels scaled by 255.
@@ -152,7 +170,10 @@ def test_setup_reads_the_task_through_its_real_builder(setups, task, fw):
     assert len(setup.train) == N and setup.num_classes == t.num_classes
     np.testing.assert_array_equal(setup.train.labels, labels)
     np.testing.assert_array_equal(setup.train.images[0], first)
-    assert len(setup.eval) == (CLEVR_TEST if task == "clevr-count" else N)
+    labels, first = expected(task, "test")
+    np.testing.assert_array_equal(setup.eval.labels, labels)  # kept encoded, decoded on demand
+    assert setup.eval.images is None and setup.eval.encoded.dtype == object
+    np.testing.assert_array_equal(setup.eval.image(0), first)
     assert (setup.plan.random_flip, setup.plan.random_crop) == (t.flip_keeps_label,
                                                                 t.crop_keeps_label)
     flips = np.concatenate([setup.plan.batch_plan(s).flips for s in range(4)])
@@ -167,6 +188,8 @@ def test_clevr_reads_the_task_split_strings_and_keeps_images_of_any_size(setups)
     assert setup.train.images.dtype == object and setup.train.images[1].shape == (21, 30, 3)
     assert (setup.resize, setup.crop) == (512, 480)  # 100x100: not under 96x96
     assert setup.end_step == 500  # BiT-HyperRule for 1000 examples
+    again = pickle.loads(pickle.dumps(setup.eval))  # as DataLoader workers receive it
+    np.testing.assert_array_equal(again.image(7), setup.eval.image(7))
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -184,6 +207,12 @@ def test_pytorch_and_tfdata_train_on_the_same_first_batch(setups, task):
     images, labels = next(torch_data.eval_batches(pt.eval, pt.crop, 8, range(8), workers=0))
     np.testing.assert_array_equal(labels.numpy(), evals["label"])
     np.testing.assert_allclose(images.permute(0, 2, 3, 1).numpy(), evals["image"], atol=TOL)
+
+
+def test_an_evaluation_split_too_large_for_memory_is_a_data_error(monkeypatch):
+    monkeypatch.setattr(tfds_source, "IN_MEMORY_BYTES", 20_000)  # cifar100: ~3 kB a PNG
+    with mocked("cifar100"), pytest.raises(DataError, match="BIT_TFDS_IN_MEMORY_BYTES"):
+        tfds_source.load_vtab_splits(vtab.get_task("cifar100"), None)
 
 
 # ---- datasets that are not prepared ---------------------------------------------------------
