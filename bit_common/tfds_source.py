@@ -81,13 +81,13 @@ def not_prepared_message(task: VtabTask, builder: Any) -> str:
     """How to prepare the tfds dataset of `task`, which this project never downloads itself."""
     name = _build_name(builder)
     manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-    how = (f"download its files by hand first (see https://www.tensorflow.org/datasets/catalog/"
-           f"{builder.name}), then run `tfds build {name} --manual_dir <that folder> "
-           f"--data_dir <folder>`" if manual else
-           f"run `tfds build {name} --data_dir <folder>` on a machine with network access")
+    how = (f"download its files by hand into a folder <manual> (see https://www.tensorflow.org/"
+           f"datasets/catalog/{builder.name}), then run `tfds build {name} --manual_dir "
+           f"<manual> --data_dir <datadir>`" if manual else
+           f"run `tfds build {name} --data_dir <datadir>` on a machine with network access")
     return (f"VTAB-1k task {task.name} reads tfds dataset {name}, which is not prepared in "
-            f"{builder.data_dir}. To prepare it, {how}; then pass that folder as --datadir "
-            f"(without --datadir, tfds' default folder ~/tensorflow_datasets is used).")
+            f"{builder.data_dir}. To prepare it, {how}; then pass --datadir <datadir> (without "
+            f"--datadir, tfds' default folder ~/tensorflow_datasets is used).")
 
 
 def open_builder(task: VtabTask, datadir: str | None) -> Any:
