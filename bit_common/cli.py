@@ -42,7 +42,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
                    help="Where to look for <model>.npz; downloaded there when absent.")
     p.add_argument("--dataset", required=True,
                    help="cifar10, cifar100, oxford_iiit_pet, oxford_flowers102, imagenet2012, "
-                        "digits (offline) or imagefolder (your own images in --datadir).")
+                        "digits (offline), imagefolder (your own images in --datadir) or "
+                        "vtab/<task> (a VTAB-1k task, from tfds in --datadir).")
     p.add_argument("--datadir", default=None,
                    help="Dataset location: download/cache folder, or for imagefolder the folder "
                         "holding train/<class>/ and val/<class>/.")

@@ -1,4 +1,5 @@
-"""The framework-free part of the datasets: the registry, `digits`, and scanning an image folder.
+"""The framework-free part of the datasets: the registry (VTAB-1k tasks as `vtab/<task>`),
+`digits`, and scanning an image folder.
 
 Framework packages decode images their own way; everything here works on labels, paths and
 uint8 arrays only.
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bit_common import vtab
 from bit_common.errors import DataError, unknown_name
+
+VTAB_PREFIX = "vtab/"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class DatasetInfo:
     eval_split: str = "test"
     tfds_name: str | None = None
     needs_datadir: bool = False
+    vtab: vtab.VtabTask | None = field(default=None, repr=False)  # a VTAB-1k task
+    flip_keeps_label: bool = True  # random flips and crops are safe (bit_common.plan)
+    crop_keeps_label: bool = True
 
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
@@ -45,11 +52,26 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
 
 
 def get_dataset(name: str) -> DatasetInfo:
-    """Look a dataset up by name; an unknown name lists the closest ones."""
+    """Look a dataset up by name (`vtab/<task>` for a VTAB-1k task); an unknown name lists the
+    closest ones."""
+    if name.startswith(VTAB_PREFIX):
+        return vtab_dataset(vtab.get_task(name[len(VTAB_PREFIX):]))
     if name not in DATASETS:
         raise unknown_name("dataset", name, DATASETS,
-                           "use `imagefolder` with --datadir for your own images.")
+                           "use `imagefolder` with --datadir for your own images, or "
+                           "vtab/<task> for a VTAB-1k task.")
     return DATASETS[name]
+
+
+def vtab_dataset(task: vtab.VtabTask) -> DatasetInfo:
+    """A VTAB-1k task as a dataset: trained on train800val200 (the 1000 examples the BiT paper's
+    VTAB-1k results train on, with the rule's fixed schedule and no validation run), evaluated
+    on test; the image size is read off the first training image (it differs per task)."""
+    return DatasetInfo(VTAB_PREFIX + task.name, task.num_classes, None,
+                       train_split=task.split("train800val200"), eval_split=task.split("test"),
+                       tfds_name=task.tfds_name, vtab=task,
+                       flip_keeps_label=task.flip_keeps_label,
+                       crop_keeps_label=task.crop_keeps_label)
 
 
 @dataclass
@@ -57,7 +79,8 @@ class Split:
     """One split of a dataset: labels plus either decoded uint8 images or image file paths."""
 
     labels: np.ndarray                      # int64 [N]
-    images: np.ndarray | None = None        # uint8 [N, H, W, 3]
+    images: np.ndarray | None = None        # uint8 [N, H, W, 3], or object [N] of uint8
+                                            # [H, W, 3] where the sizes differ (VTAB)
     paths: list[str] | None = None          # image files, decoded by the framework pipeline
     class_names: list[str] = field(default_factory=list)
 
@@ -269,6 +292,16 @@ def verify_images(split: Split, problem: Callable[[str], str | None], skip: bool
                         f"split decodes. Add images that do, or remove the class folder.")
     return dataclasses.replace(split, labels=labels,
                                paths=[p for p, k in zip(split.paths, keep) if k])
+
+
+def first_image_hw(split: Split) -> tuple[int, int]:
+    """(height, width) of the split's first image, in memory or in a file (the hyper-rule's
+    resolution for datasets whose images differ in size)."""
+    if split.images is not None:
+        if not len(split.images):
+            raise DataError("The training split is empty.")
+        return tuple(int(v) for v in np.shape(split.images[0])[:2])
+    return image_hw(split.paths[0])
 
 
 def image_hw(path: str | Path) -> tuple[int, int]:

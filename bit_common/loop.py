@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from bit_common import checkpoint, cli, hyperrule, registry, runtime, trainable
-from bit_common.datasets import (DatasetInfo, Split, get_dataset, image_hw,
+from bit_common.datasets import (DatasetInfo, Split, first_image_hw, get_dataset,
                                  pillow_image_problem, verify_images)
 from bit_common.errors import BiTError, CheckpointError, DataError
 from bit_common.fewshot import sample_few_shot
@@ -245,7 +245,7 @@ def make_setup(args: argparse.Namespace, framework: Framework,
     if args.resolution:
         resize, crop = args.resolution
     else:
-        resize, crop = hyperrule.get_resolution(info.image_hw or image_hw(train.paths[0]))
+        resize, crop = hyperrule.get_resolution(info.image_hw or first_image_hw(train))
     if weights is not None:
         arch, params = checkpoint.load_params(weights, num_classes=num_classes,
                                               expected=model.arch)
@@ -253,7 +253,8 @@ def make_setup(args: argparse.Namespace, framework: Framework,
         arch, params = model.arch, dict(params)
         checkpoint.validate(params, arch, num_classes, source="The given parameters")
     plan = InputPlan(n, args.batch, resize, crop, seed=args.seed,
-                     mixup_alpha=hyperrule.get_mixup(n), augment=args.augment)
+                     mixup_alpha=hyperrule.get_mixup(n), augment=args.augment,
+                     random_flip=info.flip_keeps_label, random_crop=info.crop_keeps_label)
     total = hyperrule.total_steps(n)
     end = total if args.steps is None else min(args.steps, total)
     return RunSetup(config, info, train, evaluation, indices, num_classes, arch, params, plan,

@@ -34,6 +34,10 @@ class InputPlan:
 
     Batches run across epoch boundaries, so every example is seen once per epoch. With
     `augment=False` images are resized straight to the crop size, never flipped or mixed.
+    `random_flip` / `random_crop` False (a dataset whose label a flip or a crop would change,
+    e.g. VTAB's orientations and positions) leave out only that augmentation: without random
+    crops, images are resized straight to the crop size. Either way the random streams draw the
+    same numbers, so the other choices stay those of the full augmentation.
     `shards` > 1 (data-parallel replicas) keeps each mixup partner inside its replica's slice.
     """
 
@@ -45,6 +49,8 @@ class InputPlan:
     mixup_alpha: float = 0.0
     augment: bool = True
     shards: int = 1
+    random_flip: bool = True
+    random_crop: bool = True
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The permutation of the training examples used in `epoch`."""
@@ -69,7 +75,9 @@ class InputPlan:
         if self.augment:
             rng = np.random.default_rng([self.seed, _AUGMENT, step])
             offsets = rng.integers(0, self.resize - self.crop + 1, size=(b, 2)).astype(np.int32)
-            flips = rng.random(b) < 0.5
+            flips = (rng.random(b) < 0.5) & self.random_flip
+            if not self.random_crop:  # drawn all the same, so the flips stay as they were
+                offsets[:] = 0
             if self.mixup_alpha > 0:
                 rng = np.random.default_rng([self.seed, _MIXUP, step])
                 lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
@@ -80,8 +88,10 @@ class InputPlan:
 
     @property
     def train_size(self) -> tuple[int, int]:
-        """(resize, crop) actually applied: with augment off, resize straight to the crop."""
-        return (self.resize, self.crop) if self.augment else (self.crop, self.crop)
+        """(resize, crop) actually applied: with augment or random crops off, resize straight
+        to the crop."""
+        return (self.resize, self.crop) if self.augment and self.random_crop else \
+            (self.crop, self.crop)
 
 
 @lru_cache(maxsize=4)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bit_common import datasets
+from bit_common import datasets, tfds_source
 from bit_common.datasets import DatasetInfo, Split
 from bit_common.errors import DataError
 from bit_common.loop import RunConfig
@@ -82,8 +82,11 @@ def _flowers(root: Path, split: str) -> Split:
 
 def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
     """The full training split and the evaluation split of `--dataset` (labels, and images or
-    image paths): cifar/pet/flowers/digits test, imagenet2012/imagefolder val/."""
+    image paths): cifar/pet/flowers/digits test, imagenet2012/imagefolder val/, and a VTAB-1k
+    task's train800val200 and test read from tfds exactly as the tf.data pipeline reads them."""
     name, root = info.name, _root(config)
+    if info.vtab is not None:
+        return tfds_source.load_vtab_splits(info.vtab, config.datadir)
     if name in ("cifar10", "cifar100"):
         return _cifar(root, name, train=True), _cifar(root, name, train=False)
     if name == "oxford_iiit_pet":
@@ -155,7 +158,8 @@ def preprocess_train(images_uint8: np.ndarray, resize: int, crop: int, offsets: 
 
 
 class _SplitImages:
-    """Image `i` of a Split as uint8 HWC, decoded from its file when the split holds paths."""
+    """Image `i` of a Split as uint8 HWC, decoded from its file when the split holds paths (or
+    from its bytes, a VTAB split's evaluation images)."""
 
     def __init__(self, split: Split):
         self.split = split
@@ -163,6 +167,8 @@ class _SplitImages:
     def __call__(self, i: int) -> np.ndarray:
         if self.split.images is not None:
             return self.split.images[i]
+        if isinstance(self.split, tfds_source.VtabSplit):  # encoded: the tf.data pipeline's decoder
+            return self.split.image(i)
         path = self.split.paths[i]
         try:
             return decode(path)

@@ -17,6 +17,9 @@ with (R, crop) = `setup.plan.train_size`; evaluation resizes straight to (crop, 
 Where the images come from:
 
 - `digits`: uint8 arrays in memory (`Split.images`).
+- `vtab/<task>`: a `tfds_source.VtabSplit`, read by `bit_common.tfds_source` exactly as
+  bit_pytorch reads it: the training images decoded in memory (an object array where their
+  sizes differ, fetched by index), the evaluation images encoded, decoded by its `image(i)`.
 - `imagefolder` (and `imagenet2012` when --datadir holds `train/` and `val/` folders): files
   (`Split.paths`), read and decoded with `tf.io.decode_image(channels=3,
   expand_animations=False)` in a `tf.py_function`. A file that does not decode gives a 1x1
@@ -51,6 +54,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
+from bit_common import tfds_source
 from bit_common.datasets import DatasetInfo, Split, local_splits, undecodable_message
 from bit_common.errors import DataError
 from bit_common.loop import RunConfig, RunSetup
@@ -75,6 +79,8 @@ def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
     tfds `info.eval_split`): labels, plus images in memory, file paths or a tfds handle."""
     if info.name == "digits" or _image_folders(config, info):
         return local_splits(info, config.datadir, config.skip_bad_images)
+    if info.vtab is not None:
+        return tfds_source.load_vtab_splits(info.vtab, config.datadir)
     if info.tfds_name:
         builder = _tfds_builder(config, info)
         return _load_tfds(builder, info, info.train_split), _load_tfds(builder, info,
@@ -257,18 +263,36 @@ class _Source:
 
 def _source(split: Split, needed: np.ndarray | None, what: str) -> _Source:
     """Random access to the images of `split` (`needed`: split indices the caller will ask for)."""
+    if split.images is not None and split.images.dtype == object:  # sizes differ
+        images = split.images
+        return _Source(_without_error(_numpy_fetch(lambda i: images[i])))
     if split.images is not None:
         images = tf.constant(_rgb_uint8(split.images))
         return _Source(_without_error(lambda i: tf.gather(images, i)))
     if split.paths is not None:
         paths = tf.constant(split.paths, tf.string)
         return _Source(lambda i: _read_file(tf.gather(paths, i)))
+    if isinstance(split, tfds_source.VtabSplit):  # the decoder bit_pytorch uses too
+        return _Source(_without_error(_numpy_fetch(split.image)))
     if not isinstance(split, TfdsSplit):
         raise DataError(f"The {what} split holds neither images, paths nor a tfds handle.")
     if split.encoded is not None:
         encoded = tf.constant(split.encoded, tf.string)
         return _Source(_without_error(lambda i: _decode_bytes(tf.gather(encoded, i))))
     return _large_tfds_source(split, needed, what)
+
+
+def _numpy_fetch(image: Callable[[int], np.ndarray]) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Image `i` (uint8 [H, W, 3], sizes differing) from a numpy function of the index."""
+    def get(i: np.ndarray) -> np.ndarray:
+        return image(int(i))
+
+    def fetch(i: tf.Tensor) -> tf.Tensor:
+        img = tf.numpy_function(get, [i], tf.uint8, stateful=False)
+        img.set_shape([None, None, 3])
+        return img
+
+    return fetch
 
 
 def _large_tfds_source(split: TfdsSplit, needed: np.ndarray | None, what: str) -> _Source:
