@@ -8,7 +8,7 @@ FRAMEWORK ?= pytorch
 EXTRAS ?= all,dev
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: install demo test test-slow parity bench profile reproduce clean
+.PHONY: install demo test test-slow parity parity-slow bench profile reproduce clean
 
 install: $(STAMP)
 
@@ -33,7 +33,12 @@ test-slow: install
 	$(PYTEST) -m slow -q
 
 # The same two workers: the CLI runs in one, the models and pipelines in the other.
+# `parity` is every framework against the others in minutes; `parity-slow` adds the longer
+# comparisons (10 steps with a resume, larger inputs, R101x1 and R50x3, all nine round trips).
 parity: install
+	$(PYTEST) parity_tests -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+
+parity-slow: install
 	$(PYTEST) parity_tests -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: install
