@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from bit_common import hyperrule
 from bit_common.errors import BiTError
 from bit_common.precision import PRECISIONS
 from bit_common.trainable import TRAIN_CHOICES
@@ -67,7 +68,13 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     p.add_argument("--batch_eval", type=int, default=32, help="Evaluation batch size.")
     # What this project adds.
     p.add_argument("--steps", type=int, default=None,
-                   help="Stop after this many optimizer steps (the schedule is unchanged).")
+                   help="Stop after this many optimizer steps, without changing the schedule "
+                        "(a shorter run never reaches its decays; --schedule_steps shortens "
+                        "the schedule).")
+    p.add_argument("--schedule_steps", type=int, default=None,
+                   help="Scale BiT-HyperRule's schedule to end at this step, its warm-up and "
+                        "decays at the same fractions (120 for a small dataset: 24, 48, 72, 96, "
+                        "120).")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("RESIZE", "CROP"), default=None,
                    help="Override the rule's resize and crop sizes, e.g. --resolution 160 128.")
     p.add_argument("--seed", type=int, default=0,
@@ -107,6 +114,12 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise BiTError(f"--{flag} must be at least 1, got {value}.")
+    if args.schedule_steps is not None and args.schedule_steps < hyperrule.MIN_SCHEDULE_STEPS:
+        raise BiTError(f"--schedule_steps must be at least {hyperrule.MIN_SCHEDULE_STEPS}, got "
+                       f"{args.schedule_steps}: the schedule needs a warm-up step and a step "
+                       f"at each of its four learning rates. Use --schedule_steps "
+                       f"{hyperrule.MIN_SCHEDULE_STEPS} or more, or leave it out for the rule's "
+                       f"own schedule.")
     if args.batch_eval < 1:
         raise BiTError(f"--batch_eval must be at least 1, got {args.batch_eval}.")
     if args.resolution is not None:

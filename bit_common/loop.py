@@ -42,7 +42,7 @@ CONFIG = "config.json"
 MOMENTUM_PREFIX = "momentum/"  # checkpoint keys of the momentum buffers: momentum/<canonical key>
 # Flags that change what is trained: resuming with other values would silently mix two runs.
 RESUME_KEYS = ("model", "dataset", "examples_per_class", "examples_per_class_seed", "batch",
-               "base_lr", "seed", "resolution", "augment", "train")
+               "base_lr", "schedule_steps", "seed", "resolution", "augment", "train")
 
 
 def join_state(params: Mapping[str, np.ndarray], momentum: Mapping[str, np.ndarray]
@@ -255,7 +255,7 @@ def make_setup(args: argparse.Namespace, framework: Framework,
     plan = InputPlan(n, args.batch, resize, crop, seed=args.seed,
                      mixup_alpha=hyperrule.get_mixup(n), augment=args.augment,
                      random_flip=info.flip_keeps_label, random_crop=info.crop_keeps_label)
-    total = hyperrule.total_steps(n)
+    total = hyperrule.total_steps(n, args.schedule_steps)
     end = total if args.steps is None else min(args.steps, total)
     return RunSetup(config, info, train, evaluation, indices, num_classes, arch, params, plan,
                     end)
@@ -379,12 +379,15 @@ class Trainer:
         log.info(f"{self.framework.name}: {args.model} ({setup.arch.name}) on {args.dataset}, "
                  f"{n} training examples, {setup.num_classes} classes, {setup.resize}->"
                  f"{setup.crop} px, mixup {setup.plan.mixup_alpha}, steps {start}->{end} of "
-                 f"{hyperrule.total_steps(n)}" + (" (resumed)" if start else "")
+                 f"{hyperrule.total_steps(n, args.schedule_steps)}, schedule (warm-up, decays, "
+                 f"end) {list(hyperrule.get_schedule(n, args.schedule_steps))}"
+                 + (f" (--schedule_steps {args.schedule_steps})" if args.schedule_steps else "")
+                 + (" (resumed)" if start else "")
                  + ("" if args.train == "all" else f"; {trainable.describe(args.train)}"))
         save_every = args.save_every or args.eval_every
         self._install_signal_handlers()
         for step in range(start, end):
-            lr = hyperrule.get_lr(step, n, args.base_lr)
+            lr = hyperrule.get_lr(step, n, args.base_lr, args.schedule_steps)
             got, batch = next(batches)
             if got != step:
                 raise BiTError(f"The input pipeline produced the batch of step {got} where "

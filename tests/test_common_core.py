@@ -71,6 +71,49 @@ def test_schedule_and_mixup_by_dataset_size(n, schedule, mixup):
     assert hyperrule.get_lr(schedule[-1], n) is None
 
 
+SCHEDULE_SIZES = (1000, 20_000, 500_000)  # one dataset size per schedule of the rule
+
+
+@pytest.mark.parametrize("n, steps, schedule", [
+    (1000, 120, (24, 48, 72, 96, 120)),
+    (1000, 500, (100, 200, 300, 400, 500)),  # the rule's own length changes nothing
+    (1000, 1000, (200, 400, 600, 800, 1000)),
+    (20_000, 120, (6, 36, 72, 108, 120)),
+    (500_000, 2000, (50, 600, 1200, 1800, 2000)),
+    (1000, 8, (2, 3, 5, 6, 8)),               # 1.6, 3.2, 4.8, 6.4 rounded half up
+    (500_000, 20, (1, 6, 12, 18, 20)),        # 0.5 rounded half up
+    (500_000, 10, (1, 3, 6, 8, 10)),          # 0.25 -> 0 would drop the warm-up, 9 the /1000
+    (20_000, 6, (1, 2, 3, 4, 6)),             # 0.3, 1.8, 3.6, 5.4: pushed apart
+])
+def test_scaled_schedule_worked_examples(n, steps, schedule):
+    assert hyperrule.get_schedule(n, steps) == schedule
+    assert hyperrule.total_steps(n, steps) == steps
+
+
+@pytest.mark.parametrize("n", SCHEDULE_SIZES)
+def test_scaled_schedule_keeps_the_rules_fractions_and_never_merges_points(n):
+    rule = hyperrule.get_schedule(n)
+    for steps in range(hyperrule.MIN_SCHEDULE_STEPS, 2001):
+        points = hyperrule.get_schedule(n, steps)
+        assert points[-1] == steps and points[0] >= 1
+        assert all(a < b for a, b in zip(points, points[1:])), (steps, points)
+        if steps >= 40:  # long enough that rounding alone keeps the points apart
+            assert all(abs(p - r * steps / rule[-1]) <= 0.5 for p, r in zip(points, rule))
+
+
+@pytest.mark.parametrize("n", SCHEDULE_SIZES)
+@pytest.mark.parametrize("steps", [6, 7, 9, 24, 120, 777])
+def test_scaled_lr_warms_up_then_only_decays_and_ends(n, steps):
+    warmup, *decays, end = hyperrule.get_schedule(n, steps)
+    lrs = [hyperrule.get_lr(s, n, 0.1, steps) for s in range(end)]
+    assert hyperrule.get_lr(end, n, 0.1, steps) is None
+    assert lrs[:warmup] == sorted(lrs[:warmup]) and max(lrs) == lrs[warmup] == 0.1
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    # Each decay divides by 10 from the step after it: the last step runs at 1/1000 of the peak.
+    assert [lrs[d + 1] / lrs[d] for d in decays] == pytest.approx([0.1] * 3)
+    assert lrs[-1] == pytest.approx(0.1 / 1000)
+
+
 def test_resolution_by_image_area():
     assert hyperrule.get_resolution((32, 32)) == (160, 128)
     assert hyperrule.get_resolution((95, 96)) == (160, 128)
@@ -150,6 +193,8 @@ def test_cli_defaults_are_the_originals():
     (("--batch", "10", "--batch_split", "4"), "not divisible by --batch_split 4"),
     (("--resolution", "32", "40"), "no larger than the resize"),
     (("--steps", "0",), "--steps must be at least 1"),
+    (("--schedule_steps", "5",), "--schedule_steps must be at least 6, got 5"),
+    (("--schedule_steps", "0",), "--schedule_steps must be at least 6, got 0"),
 ])
 def test_cli_rejects_inconsistent_flags(flags, message):
     with pytest.raises(BiTError, match=message):

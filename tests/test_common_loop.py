@@ -212,6 +212,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run):
     assert int(state_of(run_dir)["meta/step"]) == 4
 
 
+def test_schedule_steps_scales_the_schedule_and_steps_truncates_it(run):
+    """--schedule_steps 10 is (2, 4, 6, 8, 10); --steps 9 stops one short, in its last phase."""
+    code, err, run_dir = run("--steps", "9", "--schedule_steps", "10", name="scaled")
+    assert code == 0, err
+    lrs = [r["lr"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    log = (run_dir / "train.log").read_text()
+    assert "steps 0->9 of 10, schedule (warm-up, decays, end) [2, 4, 6, 8, 10] " \
+           "(--schedule_steps 10)" in log
+    assert run("--steps", "10", "--schedule_steps", "10", name="scaled")[0] == 0  # resumes
+    lrs = [r["lr"] for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert len(lrs) == 10 and lrs[-1] == pytest.approx(0.001)
+    code, err, _ = run("--steps", "12", "--schedule_steps", "20", name="scaled")
+    assert code == 2 and "--schedule_steps was 10, now 20" in err
+
+
 def test_corrupt_or_foreign_checkpoint_is_never_overwritten(run, tmp_path):
     run_dir = tmp_path / "logs" / "bad"
     run_dir.mkdir(parents=True)
@@ -300,6 +316,11 @@ def test_make_setup_decides_the_run_once(r50_npz):
     setup = loop.make_setup(args, Numpy)
     assert (len(setup.train), len(setup.eval), len(setup.train_indices)) == (1437, 360, 30)
     assert setup.end_step == 500  # --steps beyond the rule's schedule stops at its end
+    args.schedule_steps = 600
+    assert loop.make_setup(args, Numpy).end_step == 600  # --steps 700 beyond the scaled one too
+    args.steps = 120
+    assert loop.make_setup(args, Numpy).end_step == 120
+    args.steps, args.schedule_steps = 700, None
     assert (setup.resize, setup.crop, setup.plan.mixup_alpha) == (160, 128, 0.0)
     assert not setup.params[HEAD_K].any() and setup.params[HEAD_K].shape[-1] == 10
     assert setup.config == loop.RunConfig(batch=8, batch_split=1, batch_eval=32, workers=0,

@@ -148,6 +148,58 @@ def test_demo_writes_the_runs_curves_and_prints_where(tmp_path, monkeypatch, cap
     assert _share_of_colour(png, "C0", slice(0, 500)) > 1e-3
 
 
+def test_demo_trains_to_the_end_of_its_scaled_schedule(tmp_path, monkeypatch, capsys, r50_npz):
+    """The demo's own training command, run by the shared loop on the numpy stand-in backbone:
+    --schedule_steps makes it end BiT-HyperRule's schedule, so its last step trains at a
+    thousandth of the peak rate (a truncated schedule would end at the peak)."""
+    from bit_common import demo, hyperrule
+    from bit_common.runlog import read_metrics
+
+    monkeypatch.setenv("BIT_OFFLINE", "1")
+    monkeypatch.setattr(demo.checkpoint, "write_random_checkpoint", lambda *a, **k: None)
+    commands = []
+
+    def train_with_numpy(cmd):
+        flags = cmd[3:]  # after `python -m bit_<framework>.train`
+        commands.append(flags)
+        flags = [str(r50_npz.parent) if f == str(tmp_path / "runs" / "random_weights") else f
+                 for f in flags]
+        return loop_main(Numpy, flags)
+
+    monkeypatch.setattr(demo.subprocess, "call", train_with_numpy)
+    assert demo.main(["--framework", "tf2", "--logdir", str(tmp_path / "runs"),
+                      "--bit_pretrained_dir", str(tmp_path / "none")]) == 0
+    args = cli.build_parser("tf2").parse_args(commands[0])
+    assert args.schedule_steps is not None
+    run_dir = tmp_path / "runs" / "tf2-BiT-M-R50x1-random"
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert train[-1]["step"] == hyperrule.total_steps(1437, args.schedule_steps)
+    peak = max(r["lr"] for r in train)
+    assert peak == pytest.approx(args.base_lr) and args.base_lr == float(demo.RANDOM_LR)
+    assert train[-1]["lr"] == pytest.approx(peak / 1000)
+    out = capsys.readouterr().out
+    assert "Training: " in out and f"for the {len(train) - 1} steps after the first" in out
+
+
+def test_demo_times_come_from_this_invocations_records():
+    """Start-up to the first step's record, training without the evaluations between steps."""
+    from bit_common import demo
+
+    records = [{"type": "train", "step": 1, "time": 50.0},  # an earlier invocation's
+               {"type": "train", "step": 2, "time": 110.0},
+               {"type": "train", "step": 3, "time": 111.0},
+               {"type": "eval", "step": 3, "time": 113.5},
+               {"type": "train", "step": 4, "time": 114.5},
+               {"type": "train", "step": 5, "time": 115.0},
+               {"type": "eval", "step": 5, "time": 117.0}]
+    times = demo.run_times(records, launched=100.0)
+    assert times == demo.RunTimes(startup=10.0, training=2.5, steps=3, evaluation=4.5,
+                                  evaluations=2)
+    assert demo.run_times(records, launched=200.0) is None
+    assert "Start-up: 10.0 s (imports, weights, data, compiling" in demo.describe_times(times, "jax")
+    assert "already complete" in demo.describe_times(None, "jax")
+
+
 def test_demo_says_what_it_tries_and_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
     from bit_common import demo
 
