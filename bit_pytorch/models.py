@@ -332,17 +332,9 @@ def embed(model: nn.Module, images: np.ndarray,
 
 def features(model: nn.Module, images: np.ndarray,
              batch_size: int = contract.PREDICT_BATCH) -> dict[str, np.ndarray]:
-    """np.float32 NHWC images in [-1, 1] -> the four stage outputs, float32 NHWC: "block1"
-    [N, H/4, W/4, 256 * width], "block2" [N, H/8, W/8, 512 * width], "block3" [N, H/16, W/16,
-    1024 * width], "block4" [N, H/32, W/32, 2048 * width], sizes rounded up
-    (`contract.feature_shapes`).
-
-    Each is the output of resnet/block1..block4, its last unit's sum: in this pre-activation
-    ResNet-v2 the raw residual stream, normalized by nothing (the next block's units, and after
-    block4 the head's relu(group_norm(.)) that `embed` mean-pools, apply group norm and ReLU
-    first). These are timm's `features_only` taps of its ResNetV2 (`stages.0`..`stages.3`, its
-    out_indices 1-4, which likewise leave the final norm out); timm's index 0, the stride-2 root
-    convolution, is not returned.
+    """float32 NHWC images in [-1, 1] -> {"block1".."block4": float32 NHWC stage outputs}, the
+    raw residual stream at the end of each block (timm's `features_only` taps); shapes and what
+    the taps are: `bit_common.contract.feature_shapes`.
     """
     with _inference(model) as (m, to_input):
         def forward(chunk: np.ndarray) -> dict[str, np.ndarray]:
