@@ -165,7 +165,7 @@ def scan_image_folder(datadir: str | Path, split: str,
                 corrupt.append((p, problem))
             else:
                 images.append(p)
-        if not images and not (skip_bad and corrupt):
+        if not images:
             raise DataError(f"Class folder {root / name} holds no readable images "
                             f"({len(files)} other files). Add images or remove the folder.")
         paths += [str(p) for p in images]

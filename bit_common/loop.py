@@ -358,9 +358,8 @@ class Trainer:
                 f"{e}): it is not a checkpoint this project wrote. {keep}") from None
         now = _resume_config(self.args)
         # A key the checkpoint lacks (written before the flag existed) had the flag's default.
-        defaults = _resume_config(cli.build_parser(self.framework.name).parse_args(
-            ["--name", "x", "--model", "x", "--logdir", "x", "--dataset", "x"]))
-        saved = {k: saved.get(k, defaults[k]) for k in now}
+        parser = cli.build_parser(self.framework.name)
+        saved = {k: saved.get(k, parser.get_default(k)) for k in now}
         diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if diff:
             desc = ", ".join(f"--{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())

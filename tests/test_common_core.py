@@ -337,6 +337,10 @@ def test_an_image_with_a_broken_header_stops_the_listing_or_is_skipped(tmp_path)
     split = scan_image_folder(root, "train", warn=warn, skip_bad=True)
     assert len(split.paths) == 4 and not any("bad" in p for p in split.paths)
     assert "leaving out" in warn.getvalue() and "left out 2 image(s)" in warn.getvalue()
+    for f in (root / "train" / "b").glob("[01].jpg"):
+        f.write_bytes(bad)  # class b: only files that do not decode
+    with pytest.raises(DataError, match=r"Class folder .*train/b holds no readable images"):
+        scan_image_folder(root, "train", warn=io.StringIO(), skip_bad=True)
 
 
 def test_verify_images_decodes_everything_and_skips_or_names_what_fails(tmp_path):
