@@ -87,7 +87,8 @@ class RunConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        # A command without a flag (distill has no --train) takes the field's default.
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in fields(cls)})
 
 
 @dataclass
@@ -167,6 +168,10 @@ class Framework(ABC):
     def make_backend(self, setup: RunSetup) -> Backend:
         """The backend that trains `setup`."""
 
+    def make_distiller(self, setup: Any) -> Backend:
+        """The backend that distils `setup` (a `bit_common.distill.DistillSetup`)."""
+        raise BiTError(f"{self.name} has no distillation backend.")
+
     def image_problem(self, path: str) -> str | None:
         """Why the image file at `path` does not decode in this framework's pipeline, or None
         (--verify_images); the default decodes with Pillow."""
@@ -175,8 +180,8 @@ class Framework(ABC):
 
 class PackageFramework(Framework):
     """A framework package laid out as the three are: `bit_<name>.data.load_splits`, and
-    `bit_<name>.backend` with `init_distributed`, `finish_distributed` and the backend class;
-    each module is imported on first use."""
+    `bit_<name>.backend` with `init_distributed`, `finish_distributed` and the backend class,
+    and `bit_<name>.distiller.Distiller`; each module is imported on first use."""
 
     def __init__(self, name: str, backend_class: str):
         self.name, self._backend_class = name, backend_class
@@ -200,6 +205,9 @@ class PackageFramework(Framework):
 
     def make_backend(self, setup: RunSetup) -> Backend:
         return getattr(self._module("backend"), self._backend_class)(setup)
+
+    def make_distiller(self, setup: Any) -> Backend:
+        return self._module("distiller").Distiller(setup)
 
     def image_problem(self, path: str) -> str | None:
         return self._module("data").image_problem(path)
@@ -261,16 +269,70 @@ def make_setup(args: argparse.Namespace, framework: Framework,
                     end)
 
 
-# ---- the command ---------------------------------------------------------------------------
-def main(framework: Framework, argv: list[str] | None = None) -> int:
-    """Parse the shared flags and train; a BiTError becomes a one-paragraph message and exit 2."""
-    args = cli.build_parser(framework.name).parse_args(argv)
-    try:
+# ---- what a command trains -------------------------------------------------------------------
+class Recipe:
+    """What one command of the shared loop trains: its flags, the run's set-up and backend, the
+    learning rate of each step, its evaluation metrics and what its run folder records. This one
+    is `train`'s (BiT-HyperRule fine-tuning); `bit_common.distill` has distillation's."""
+
+    command = "train"
+    resume_keys: tuple[str, ...] = RESUME_KEYS
+
+    def parser(self, framework: str) -> argparse.ArgumentParser:
+        return cli.build_parser(framework)
+
+    def check_flags(self, args: argparse.Namespace) -> None:
         check_flags(args)
+
+    def make_setup(self, args: argparse.Namespace, framework: Framework) -> Any:
+        return make_setup(args, framework)
+
+    def make_backend(self, framework: Framework, setup: Any) -> Backend:
+        return framework.make_backend(setup)
+
+    def lr(self, args: argparse.Namespace, setup: Any, step: int) -> float:
+        return hyperrule.get_lr(step, setup.plan.num_examples, args.base_lr, args.schedule_steps)
+
+    def describe(self, args: argparse.Namespace, setup: Any, framework: str, start: int) -> str:
+        """The run's first log line."""
+        n, end = setup.plan.num_examples, setup.end_step
+        return (f"{framework}: {args.model} ({setup.arch.name}) on {args.dataset}, "
+                f"{n} training examples, {setup.num_classes} classes, {setup.resize}->"
+                f"{setup.crop} px, mixup {setup.plan.mixup_alpha}, steps {start}->{end} of "
+                f"{hyperrule.total_steps(n, args.schedule_steps)}, schedule (warm-up, decays, "
+                f"end) {list(hyperrule.get_schedule(n, args.schedule_steps))}"
+                + (f" (--schedule_steps {args.schedule_steps})" if args.schedule_steps else "")
+                + (" (resumed)" if start else "")
+                + ("" if args.train == "all" else f"; {trainable.describe(args.train)}"))
+
+    def eval_metrics(self, sums: np.ndarray) -> dict[str, float]:
+        return eval_metrics(sums)
+
+    def run_config(self, args: argparse.Namespace, setup: Any) -> dict[str, Any]:
+        """What config.json records beyond the flags and the framework."""
+        return {"arch": setup.arch.name, "num_classes": setup.num_classes,
+                "num_train_examples": setup.plan.num_examples,
+                "resize": setup.resize, "crop": setup.crop,
+                "mixup_alpha": setup.plan.mixup_alpha,
+                # The few-shot subset (indices into the training split), so runs can be compared.
+                "few_shot_indices": (setup.train_indices.tolist() if args.examples_per_class
+                                     else None)}
+
+
+FINE_TUNE = Recipe()
+
+
+# ---- the command ---------------------------------------------------------------------------
+def main(framework: Framework, argv: list[str] | None = None, recipe: Recipe = FINE_TUNE) -> int:
+    """Parse the command's flags and train; a BiTError becomes a one-paragraph message and
+    exit 2."""
+    args = recipe.parser(framework.name).parse_args(argv)
+    try:
+        recipe.check_flags(args)
         runtime.configure(framework.name, precision=args.precision)
         processes = framework.start(RunConfig.from_args(args))
         try:
-            return Trainer(args, framework).run()
+            return Trainer(args, framework, recipe).run()
         except BaseException as e:
             if processes > 1:
                 _end_multi_process(e)  # os._exit: the `finally` does not leave the run
@@ -301,8 +363,9 @@ def exit_at_once(message: str, code: int = 2) -> NoReturn:
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace, framework: Framework):
-        self.args, self.framework = args, framework
+    def __init__(self, args: argparse.Namespace, framework: Framework,
+                 recipe: Recipe = FINE_TUNE):
+        self.args, self.framework, self.recipe = args, framework, recipe
         self.stop_signal: int | None = None
 
     # ---- set-up: everything is validated before the run folder is touched ----------------
@@ -311,8 +374,8 @@ class Trainer:
         run_dir = Path(args.logdir) / args.name
         _check_writable(Path(args.logdir))
         resume = self._read_checkpoint(run_dir) if args.save else None
-        setup = make_setup(args, self.framework)
-        backend = self.framework.make_backend(setup)
+        setup = self.recipe.make_setup(args, self.framework)
+        backend = self.recipe.make_backend(self.framework, setup)
         start = 0
         if resume is not None:
             start = int(resume.pop("meta/step"))
@@ -327,7 +390,7 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             for stale in checkpoint.remove_stale_temporaries(run_dir):
                 print(f"Removed {stale}, left by a write that was interrupted.")
-            _write_config(run_dir, args, setup, self.framework.name)
+            self._write_config(run_dir, setup)
         log = RunLog(run_dir_or_none, resume_step=start, echo=backend.is_chief)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -356,9 +419,9 @@ class Trainer:
             raise CheckpointError(
                 f"The run folder's checkpoint {path} cannot be resumed from ({type(e).__name__}: "
                 f"{e}): it is not a checkpoint this project wrote. {keep}") from None
-        now = _resume_config(self.args)
+        now = self._resume_config()
         # A key the checkpoint lacks (written before the flag existed) had the flag's default.
-        parser = cli.build_parser(self.framework.name)
+        parser = self.recipe.parser(self.framework.name)
         saved = {k: saved.get(k, parser.get_default(k)) for k in now}
         diff = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if diff:
@@ -371,22 +434,15 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------
     def _train(self, backend: Backend, batches: Iterator[tuple[int, Any]] | None,
                setup: RunSetup, log: RunLog, run_dir: Path, start: int) -> int:
-        args, n, end = self.args, setup.plan.num_examples, setup.end_step
+        args, end, recipe = self.args, setup.end_step, self.recipe
         if start >= end:
             log.info(f"Run {run_dir} already reached step {start}; nothing to do.")
             return 0
-        log.info(f"{self.framework.name}: {args.model} ({setup.arch.name}) on {args.dataset}, "
-                 f"{n} training examples, {setup.num_classes} classes, {setup.resize}->"
-                 f"{setup.crop} px, mixup {setup.plan.mixup_alpha}, steps {start}->{end} of "
-                 f"{hyperrule.total_steps(n, args.schedule_steps)}, schedule (warm-up, decays, "
-                 f"end) {list(hyperrule.get_schedule(n, args.schedule_steps))}"
-                 + (f" (--schedule_steps {args.schedule_steps})" if args.schedule_steps else "")
-                 + (" (resumed)" if start else "")
-                 + ("" if args.train == "all" else f"; {trainable.describe(args.train)}"))
+        log.info(recipe.describe(args, setup, self.framework.name, start))
         save_every = args.save_every or args.eval_every
         self._install_signal_handlers()
         for step in range(start, end):
-            lr = hyperrule.get_lr(step, n, args.base_lr, args.schedule_steps)
+            lr = recipe.lr(args, setup, step)
             got, batch = next(batches)
             if got != step:
                 raise BiTError(f"The input pipeline produced the batch of step {got} where "
@@ -403,7 +459,7 @@ class Trainer:
             log.train(done, loss, lr, args.batch, step_s, end)
             last = done == end
             if (args.eval_every and done % args.eval_every == 0) or last:
-                log.eval(done, **eval_metrics(backend.eval_sums()))
+                log.eval(done, **recipe.eval_metrics(backend.eval_sums()))
             stop = backend.agree(self.stop_signal is not None)
             if args.save and (last or stop or (save_every and done % save_every == 0)):
                 self._save(backend, run_dir, done, final=last)
@@ -420,7 +476,7 @@ class Trainer:
         if not backend.is_chief:
             return
         state["meta/step"] = np.asarray(step, np.int64)
-        state["meta/config"] = np.asarray(json.dumps(_resume_config(self.args)))
+        state["meta/config"] = np.asarray(json.dumps(self._resume_config()))
         try:
             checkpoint.atomic_savez(run_dir / CHECKPOINT, state)
             if final:
@@ -431,6 +487,17 @@ class Trainer:
             raise BiTError(f"Could not write the checkpoint of step {step} to {run_dir} "
                            f"({e.strerror or e}). The previous checkpoint there is intact; free "
                            f"space or fix the folder, then run the same command to resume.") from None
+
+    def _resume_config(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in ((k, getattr(self.args, k)) for k in self.recipe.resume_keys)}
+
+    def _write_config(self, run_dir: Path, setup: Any) -> None:
+        config = {**vars(self.args), "framework": self.framework.name,
+                  "command": self.recipe.command, **self.recipe.run_config(self.args, setup),
+                  "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                               "cpus": os.cpu_count(), "python": platform.python_version()}}
+        (run_dir / CONFIG).write_text(json.dumps(config, indent=2, default=str))
 
     def _install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
@@ -463,11 +530,6 @@ def _check_all_resume(backend: Backend, run_dir: Path, start: int) -> None:
             f"process sees (a shared file system), with the same contents.")
 
 
-def _resume_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in ((k, getattr(args, k)) for k in RESUME_KEYS)}
-
-
 def _check_writable(logdir: Path) -> None:
     try:
         logdir.mkdir(parents=True, exist_ok=True)
@@ -477,17 +539,3 @@ def _check_writable(logdir: Path) -> None:
     if not os.access(logdir, os.W_OK | os.X_OK):
         raise BiTError(f"--logdir {logdir} is not writable. Choose a folder you can write to, "
                        f"or fix its permissions.")
-
-
-def _write_config(run_dir: Path, args: argparse.Namespace, setup: RunSetup,
-                  framework: str) -> None:
-    config = {**vars(args), "framework": framework, "arch": setup.arch.name,
-              "num_classes": setup.num_classes, "num_train_examples": setup.plan.num_examples,
-              "resize": setup.resize, "crop": setup.crop,
-              "mixup_alpha": setup.plan.mixup_alpha,
-              # The few-shot subset (indices into the training split), so runs can be compared.
-              "few_shot_indices": (setup.train_indices.tolist() if args.examples_per_class
-                                   else None),
-              "hardware": {"machine": platform.machine(), "processor": platform.processor(),
-                           "cpus": os.cpu_count(), "python": platform.python_version()}}
-    (run_dir / CONFIG).write_text(json.dumps(config, indent=2, default=str))

@@ -125,9 +125,12 @@ class RunLog:
                       (f"{images / pace:.1f}", _hms(pace * (end_step - step))))
         self.info(f"[step {step}] loss={loss:.5f} lr={lr:.3e} {speed} img/s ETA {eta}")
 
-    def eval(self, step: int, top1: float, top5: float, loss: float) -> None:
-        self._record("eval", step, flush=True, top1=top1, top5=top5, loss=loss)
-        self.info(f"[step {step}] eval: top1={top1:.2%} top5={top5:.2%} loss={loss:.5f}")
+    def eval(self, step: int, top1: float, top5: float, loss: float, **more: float) -> None:
+        """An evaluation's top-1, top-5 and mean loss, and any further metrics (distillation's
+        agreement with the teacher), under the tags eval/<name>."""
+        self._record("eval", step, flush=True, top1=top1, top5=top5, loss=loss, **more)
+        extra = "".join(f" {k}={v:.5g}" for k, v in more.items())
+        self.info(f"[step {step}] eval: top1={top1:.2%} top5={top5:.2%} loss={loss:.5f}{extra}")
 
     def close(self) -> None:
         if self._events:

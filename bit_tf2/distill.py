@@ -1,0 +1,20 @@
+"""`python -m bit_tf2.distill`: distil a BiT teacher into a student (bit_common.distill) in
+TensorFlow 2.
+
+The flags, the augmentation plan, the schedule, evaluation, checkpoints, resume, signals and
+logging are bit_common's (`bit_common.distill` through `bit_common.loop`);
+`bit_tf2.distiller.Distiller` trains.
+"""
+
+import sys
+
+from bit_common import distill
+from bit_tf2.train import FRAMEWORK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return distill.main(FRAMEWORK, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
