@@ -407,6 +407,24 @@ def train_dataset(setup: RunSetup, start_step: int, shards: int = 1) -> tf.data.
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
+def eval_items(split: Split) -> tuple[tf.data.Dataset, Callable[[tf.Tensor], tuple[tf.Tensor,
+                                                                                 tf.Tensor]]]:
+    """(items, fetch): `split` in order as (item, int32 label) pairs, and what turns an item
+    into (uint8 image, error message or ""). A large tfds split is streamed, not indexed."""
+    labels = np.asarray(split.labels).astype(np.int32)
+    if isinstance(split, TfdsSplit) and split.encoded is None:  # large: stream it in order
+        import tensorflow_datasets as tfds
+
+        ds = split.builder.as_dataset(split=split.split_name, shuffle_files=False,
+                                      decoders={"image": tfds.decode.SkipDecoding()})
+        return (tf.data.Dataset.zip((ds.map(lambda ex: ex["image"]),
+                                     tf.data.Dataset.from_tensor_slices(labels))),
+                _without_error(_decode_bytes))
+    source = _source(split, None, "evaluation")
+    return (tf.data.Dataset.zip((tf.data.Dataset.range(len(split)),
+                                 tf.data.Dataset.from_tensor_slices(labels))), source.fetch)
+
+
 def eval_dataset(setup: RunSetup, batch_size: int) -> tf.data.Dataset:
     """One in-order pass over `setup.eval` in batches of exactly `batch_size`.
 
@@ -416,24 +434,8 @@ def eval_dataset(setup: RunSetup, batch_size: int) -> tf.data.Dataset:
     """
     if batch_size < 1:
         raise DataError(f"The evaluation batch size must be positive, got {batch_size}.")
-    split = setup.eval
-    crop = setup.crop
-    n = len(split)
-    labels = np.asarray(split.labels).astype(np.int32)
-    if isinstance(split, TfdsSplit) and split.encoded is None:  # large: stream it in order
-        import tensorflow_datasets as tfds
-
-        ds = split.builder.as_dataset(split=split.split_name, shuffle_files=False,
-                                      decoders={"image": tfds.decode.SkipDecoding()})
-        ds = tf.data.Dataset.zip((ds.map(lambda ex: ex["image"]),
-                                  tf.data.Dataset.from_tensor_slices(labels)))
-        fetch: Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]] = \
-            _without_error(_decode_bytes)
-    else:
-        source = _source(split, None, "evaluation")
-        ds = tf.data.Dataset.zip((tf.data.Dataset.range(n),
-                                  tf.data.Dataset.from_tensor_slices(labels)))
-        fetch = source.fetch
+    crop, n = setup.crop, len(setup.eval)
+    ds, fetch = eval_items(setup.eval)
 
     def load(item: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
         image, error = fetch(item)
