@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,10 @@ def check_flags(args: argparse.Namespace) -> DatasetInfo:
     if info.needs_datadir and not args.datadir:
         raise DataError(f"--dataset {args.dataset} needs --datadir (the folder holding "
                         f"train/<class>/ and val/<class>/).")
-    if args.student not in ARCHITECTURES:
-        _weights_source(args.student, "student")  # an unknown name fails here
+    if re.fullmatch(r"R\d+x\d+", args.student):
+        registry.parse_arch(args.student)  # an architecture this project does not have fails
+    else:
+        _weights_source(args.student, "student")  # as does an unknown model name
     _weights_source(args.teacher, "teacher")
     return info
 
