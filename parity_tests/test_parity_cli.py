@@ -19,10 +19,11 @@ from parity_tests.frameworks import FRAMEWORKS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _command(framework: str, flags: tuple[str, ...]) -> subprocess.Popen:
+def _command(framework: str, flags: tuple[str, ...], command: str = "train"
+             ) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", f"bit_{framework}.train", *flags],
+    return subprocess.Popen([sys.executable, "-m", f"bit_{framework}.{command}", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=ROOT)
 
@@ -32,11 +33,12 @@ def train(framework: str, *flags: str) -> subprocess.CompletedProcess:
     return train_together({framework: flags})[framework]
 
 
-def train_together(runs: dict[str, tuple[str, ...]]) -> dict[str, subprocess.CompletedProcess]:
-    """The CLI of each framework with its flags, all at once: a short run is mostly start-up and
-    compiling, which keeps one core busy, so the three side by side take little longer than
-    one. Each must succeed."""
-    procs = {fw: _command(fw, tuple(flags)) for fw, flags in runs.items()}
+def train_together(runs: dict[str, tuple[str, ...]], command: str = "train"
+                   ) -> dict[str, subprocess.CompletedProcess]:
+    """The CLI (`command`: train or distill) of each framework with its flags, all at once: a
+    short run is mostly start-up and compiling, which keeps one core busy, so the three side by
+    side take little longer than one. Each must succeed."""
+    procs = {fw: _command(fw, tuple(flags), command) for fw, flags in runs.items()}
     done = {}
     for fw, proc in procs.items():
         out, err = proc.communicate(timeout=900)
