@@ -341,3 +341,11 @@ def test_a_released_student_starts_from_its_body_with_a_zero_head(teacher_npz, t
     assert np.array_equal(setup.params[checkpoint.ROOT_KERNEL], body[checkpoint.ROOT_KERNEL])
     assert setup.params[HEAD_K].shape[-1] == 10 and not setup.params[HEAD_K].any()
     assert (setup.end_step, setup.teacher_resolution) == (10, 224)
+
+
+def test_readme_distill_reference_matches_the_parser():
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("```\nusage: python -m bit_<framework>.distill") + 4
+    block = text[start:text.index("```", start)].rstrip()
+    assert block == distill.build_parser("<framework>").format_help().rstrip()
