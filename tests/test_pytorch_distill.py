@@ -5,19 +5,26 @@ against label training."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bit_common import checkpoint, distill, runlog
+from bit_common import checkpoint, distill, precision, runlog
 from bit_common.registry import parse_arch
-from bit_pytorch import data, distill_data, models
+from bit_pytorch import backend as torch_backend
+from bit_pytorch import distill_data, models
 from bit_pytorch.distill import main
 from bit_pytorch.distiller import Distiller
 from bit_pytorch.train import FRAMEWORK
 from conftest import UPDATE_TOLERANCE, update_difference
 
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 R50 = parse_arch("R50x1")
 SMALL = ["--student", "R50x1", "--dataset", "digits", "--batch", "8", "--resolution", "16",
          "--teacher_resolution", "24", "--workers", "0", "--batch_eval", "200",
@@ -162,7 +169,9 @@ def test_step_matches_a_hand_computed_adamw_step(first_step):
             np.sqrt(nu / (1 - b2)) + eps)
     diff = update_difference(state, want, start, "resnet/")
     print(f"AdamW step vs by hand: relative L2 of the update {diff:.1e}")
-    assert diff < 1e-3
+    # Measured 6e-4 (float32 against float64, the channels-last kernels against contiguous); a
+    # missing bias correction or a decayed gamma moves it by 50 % or more.
+    assert diff < 5e-3
     # Decay only where decayed(): a gamma moves by the Adam ratio alone (at most lr).
     gamma = checkpoint.PREFIX + "group_norm/gamma"
     assert np.abs(state[gamma] - start[gamma]).max() <= LR * 1.001
@@ -275,14 +284,72 @@ def test_bad_input_is_a_clear_error(teacher_npz, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+# ---- fp16 on the CPU (the step's logic under CPU autocast; see test_pytorch_train) -----------
+def test_fp16_overflow_skips_the_step_and_the_scale_round_trips(teacher_npz, monkeypatch):
+    """A loss scale (set with set_state) that overflows float16's gradients: AdamW does not step
+    (parameters, moments and count unchanged; clipping unscales first) and the scale halves in
+    the state; at a scale that fits, the step is taken and counted."""
+    monkeypatch.setattr(torch_backend, "mixed_precision_available", lambda device: True)
+    d = Distiller(make_setup(teacher_npz, "--precision", "fp16", "--batch", "4",
+                             "--teacher_resolution", "16", student=random_student()))
+    start = d.get_state()
+    assert precision.read_loss_scale(start) == (precision.LOSS_SCALE_INIT, 0)
+    d.set_state({**start, **precision.loss_scale_state(2.0 ** 30, 7)})
+    batch = next(d.train_batches(0))[1]
+    assert np.isfinite(d.train_step(batch, LR))
+    state = d.get_state()
+    for k in start:
+        if not k.startswith("loss_scale/"):
+            np.testing.assert_array_equal(state[k], start[k], err_msg=k)
+    assert precision.read_loss_scale(state) == (2.0 ** 29, 0)
+    d.scaler.update(2.0 ** 8)  # a scale that fits: the step is taken
+    d.train_step(batch, LR)
+    state = d.get_state()
+    assert int(state[distill.ADAM_COUNT]) == 1 and precision.read_loss_scale(state) == (2.0 ** 8, 1)
+    assert max(float(np.abs(state[k] - start[k]).max()) for k in d.setup.params) > LR / 2
+
+
+# ---- two processes ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(teacher_npz, tmp_path):
+    """torchrun, 2 processes of 4 rows, each split in 2 micro-batches, against one process.
+    Without mixup: with it, each process's partners stay in its half (the plan's shards), which
+    pairs the examples differently from one process."""
+    common = ["--steps", "3", "--batch_split", "2", "--eval_every", "3", "--mixup_alpha", "0",
+              "--base_lr", "1e-3"]
+    assert main(cli_args(teacher_npz, tmp_path, "one", *common)) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "bit_pytorch.distill", *cli_args(teacher_npz, tmp_path, "two", *common)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[step 3] loss=") == 1  # only rank 0 prints
+    one, two = (load_state(tmp_path / n / "checkpoint.npz") for n in ("one", "two"))
+    assert one.keys() == two.keys() and int(two[distill.ADAM_COUNT]) == 3
+    start = distill.initial_params(R50, 10, seed=0)
+    diff = update_difference(one, two, start, "resnet/")
+    print(f"DDP 2 processes vs 1: relative L2 of the update {diff:.2e}")
+    assert diff <= UPDATE_TOLERANCE
+    ma, mb = (runlog.read_metrics(tmp_path / n / "metrics.jsonl") for n in ("one", "two"))
+    assert [(r["type"], r["step"]) for r in ma] == [(r["type"], r["step"]) for r in mb]
+    for ra, rb in zip(ma, mb):
+        keys = ["loss"] + (["kl", "agree_top5", "teacher_top1"] if ra["type"] == "eval" else [])
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-3, abs=1e-3), (ra["step"], k)
+
+
 # ---- distillation against label training ------------------------------------------------------
 @pytest.mark.slow
 def test_distilled_student_agrees_with_the_teacher_more_than_a_label_trained_one(teacher_npz):
-    """From the same start, the same batches, optimizer and schedule: 30 steps of distillation
-    against 30 of cross-entropy on the (mixed) labels. The distilled student agrees with the
-    random teacher on more test images."""
+    """From the same start, the same batches, optimizer and schedule: 20 steps of distillation
+    against 20 of cross-entropy on the (mixed) labels. The distilled student agrees with the
+    random teacher on more test images, and its KL to the teacher is lower.
+
+    At this size the distilled student learns the teacher's class frequencies rather than its
+    function of the image: its top-1 agreement is about the share of the teacher's most
+    frequent class (0.26; measured), which labels alone do not teach (about 0.01)."""
     flags = ("--batch", "16", "--teacher_resolution", "16", "--warmup_steps", "3",
-             "--schedule_steps", "30", "--base_lr", "1e-3", "--batch_eval", "360")
+             "--schedule_steps", "20", "--base_lr", "3e-3", "--batch_eval", "360")
     distilled = Distiller(make_setup(teacher_npz, *flags))
     labelled = Distiller(make_setup(teacher_npz, *flags))
     setup = distilled.setup
@@ -302,4 +369,5 @@ def test_distilled_student_agrees_with_the_teacher_more_than_a_label_trained_one
     ours, theirs = (distill.eval_metrics(d.eval_sums()) for d in (distilled, labelled))
     print(f"after {setup.end_step} steps: distilled {ours}\nlabel-trained {theirs}")
     assert ours["agree_top1"] > theirs["agree_top1"] + 0.1
+    assert ours["agree_top5"] > theirs["agree_top5"]
     assert ours["kl"] < theirs["kl"]
