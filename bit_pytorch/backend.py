@@ -8,6 +8,7 @@ never move.
 
 Several processes (torchrun) train under DistributedDataParallel, each on its contiguous slice
 of the global `--batch`; rank 0 writes the logs and checkpoints (`bit_pytorch.train`).
+`ProcessBackend` holds what this and distillation's backend (`bit_pytorch.distiller`) share.
 """
 
 from __future__ import annotations

@@ -341,17 +341,22 @@ def test_ddp_two_processes_equal_one(teacher_npz, tmp_path):
 # ---- distillation against label training ------------------------------------------------------
 @pytest.mark.slow
 def test_distilled_student_agrees_with_the_teacher_more_than_a_label_trained_one(teacher_npz):
-    """From the same start, the same batches, optimizer and schedule: 20 steps of distillation
-    against 20 of cross-entropy on the (mixed) labels. The distilled student agrees with the
-    random teacher on more test images, and its KL to the teacher is lower.
+    """Two students from the same start, the random teacher's body with a zero head (what
+    `--student teacher.npz` starts), on the same batches with the same optimizer and schedule:
+    20 steps of distillation against 20 of cross-entropy on the (mixed) labels. The distilled
+    student agrees with the teacher on more test images (top-1 and top-5) and is closer to it.
 
-    At this size the distilled student learns the teacher's class frequencies rather than its
-    function of the image: its top-1 agreement is about the share of the teacher's most
-    frequent class (0.26; measured), which labels alone do not teach (about 0.01)."""
+    Measured (lr 1e-4): top-1 agreement 0.26 against 0.04, top-5 0.95 against 0.37, KL 0.20
+    against 0.35. At this size (16 px, 20 steps) the distilled student predicts the teacher's
+    most frequent class (0.26 of the test images) rather than its function of each image, and
+    a label-trained one lands on some class of its own: with other rates or seeds it can land on
+    that same class (top-1 agreement then ties, top-5 and KL still separate them)."""
     flags = ("--batch", "16", "--teacher_resolution", "16", "--warmup_steps", "3",
-             "--schedule_steps", "20", "--base_lr", "3e-3", "--batch_eval", "360")
-    distilled = Distiller(make_setup(teacher_npz, *flags))
-    labelled = Distiller(make_setup(teacher_npz, *flags))
+             "--schedule_steps", "20", "--base_lr", "1e-4", "--batch_eval", "360")
+    start = {k: np.zeros_like(v) if k.startswith(checkpoint.PREFIX + "head/") else v
+             for k, v in checkpoint.read_npz(teacher_npz).items()}
+    distilled = Distiller(make_setup(teacher_npz, *flags, student=start))
+    labelled = Distiller(make_setup(teacher_npz, *flags, student=start))
     setup = distilled.setup
     ce = torch.nn.functional.cross_entropy
     for step, batch in distilled.train_batches(0):
@@ -369,5 +374,5 @@ def test_distilled_student_agrees_with_the_teacher_more_than_a_label_trained_one
     ours, theirs = (distill.eval_metrics(d.eval_sums()) for d in (distilled, labelled))
     print(f"after {setup.end_step} steps: distilled {ours}\nlabel-trained {theirs}")
     assert ours["agree_top1"] > theirs["agree_top1"] + 0.1
-    assert ours["agree_top5"] > theirs["agree_top5"]
-    assert ours["kl"] < theirs["kl"]
+    assert ours["agree_top5"] > theirs["agree_top5"] + 0.2
+    assert ours["kl"] < 0.8 * theirs["kl"]
