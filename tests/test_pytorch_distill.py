@@ -100,7 +100,8 @@ def test_batches_match_tfdata(teacher_npz, sizes):
     for i, k in enumerate(("student", "teacher")):
         want = np.concatenate([t[k] for t in theirs])[mask]
         np.testing.assert_allclose(nhwc(ours[i]), want, atol=1e-4, err_msg=k)
-    np.testing.assert_array_equal(ours[2].numpy(), np.concatenate([t["label"] for t in theirs])[mask])
+    labels = np.concatenate([t["label"] for t in theirs])[mask]
+    np.testing.assert_array_equal(ours[2].numpy(), labels)
 
 
 # ---- one step, by hand ------------------------------------------------------------------------
