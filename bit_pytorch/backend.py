@@ -8,6 +8,7 @@ never move.
 
 Several processes (torchrun) train under DistributedDataParallel, each on its contiguous slice
 of the global `--batch`; rank 0 writes the logs and checkpoints (`bit_pytorch.train`).
+`ProcessBackend` holds what this and distillation's backend (`bit_pytorch.distiller`) share.
 """
 
 from __future__ import annotations
@@ -81,12 +82,13 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-class PyTorchBackend(loop.Backend):
-    """Model, optimizer and input pipeline of one process."""
+class ProcessBackend(loop.Backend):
+    """What every PyTorch backend of one process shares (fine-tuning's and distillation's): its
+    device and precision, its place in a multi-process run and its contiguous slice of the
+    global batch, the fp16 loss scale, and agreeing with the other processes."""
 
-    def __init__(self, setup: RunSetup):
-        config = setup.config
-        self.setup, self.config = setup, config
+    def __init__(self, config: loop.RunConfig):
+        self.config = config
         self.device = local_device()
         precision.require_accelerator(config.precision, "PyTorch",
                                       mixed_precision_available(self.device))
@@ -101,40 +103,27 @@ class PyTorchBackend(loop.Backend):
         if local % config.batch_split:
             raise BiTError(f"Each of the {self.world} processes gets {local} examples of the "
                            f"batch, which --batch_split {config.batch_split} does not divide.")
+        self.rows = range(self.rank * local, (self.rank + 1) * local)
         # channels_last: tensor cores on GPUs; on CPU oneDNN's NHWC kernels are 2-4% faster and,
         # against a float64 run, exactly as accurate as NCHW.
         self.memory_format = torch.channels_last
         self.amp_dtype = AMP_DTYPES.get(config.precision)
         self.scaler = (make_grad_scaler(self.device.type)
                        if precision.needs_loss_scaling(config.precision) else None)
-
-        self.model = models.from_params(setup.arch, setup.params).to(
-            self.device, memory_format=self.memory_format).train()
-        self.params = dict(self.model.named_parameters())
-        # Frozen before DDP wraps the model: it all-reduces the parameters that need a gradient.
-        trained = {models.param_name(k) for k in trainable.trained_keys(setup.params,
-                                                                        config.train)}
-        for name, p in self.params.items():
-            p.requires_grad_(name in trained)
-        self.net: nn.Module = self.model
-        if self.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True)
-        self.optimizer = torch.optim.SGD([p for p in self.params.values() if p.requires_grad],
-                                         lr=0.0, momentum=hyperrule.MOMENTUM, dampening=0.0,
-                                         weight_decay=0.0, nesterov=False)
-        # One mixup shard per process keeps every partner inside this process's rows.
-        self.plan = dataclasses.replace(setup.plan, shards=self.world)
-        self.rows = range(self.rank * local, (self.rank + 1) * local)
         self.pin = self.device.type == "cuda"
 
-    # ---- input ------------------------------------------------------------------------------
-    def train_batches(self, start_step: int) -> Iterator[tuple[int, data.TrainBatch]]:
-        batches = data.train_batches(self.setup.train, self.setup.train_indices, self.plan,
-                                     start_step, self.setup.end_step, self.rows,
-                                     self.config.workers, self.pin)
-        return ((b.step, b) for b in batches)
+    def _to_model(self, model: nn.Module) -> nn.Module:
+        """`model` on this process's device, in its memory format."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        """`model` under DistributedDataParallel in a multi-process run (it all-reduces the
+        gradients of the parameters that need one), else `model` itself."""
+        if self.world == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -143,6 +132,79 @@ class PyTorchBackend(loop.Backend):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _update(self, optimizer: torch.optim.Optimizer, clip_norm: float = 0.0) -> None:
+        """The optimizer's step on the accumulated gradients, unscaled first under fp16 (a
+        step whose gradients are not finite is skipped) and clipped to global norm `clip_norm`
+        (0: not clipped)."""
+        if clip_norm > 0:
+            if self.scaler:
+                self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], clip_norm)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def _mean_over_processes(self, total: torch.Tensor) -> float:
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return float(total)
+
+    def _loss_scale_state(self) -> dict[str, np.ndarray]:
+        """The fp16 loss scale's checkpoint entries (none in fp32 and bf16)."""
+        if not self.scaler:
+            return {}
+        scaler = self.scaler.state_dict()
+        return precision.loss_scale_state(scaler["scale"], scaler["_growth_tracker"])
+
+    def _set_loss_scale(self, state: Mapping[str, np.ndarray]) -> None:
+        if self.scaler:
+            scale, good_steps = precision.read_loss_scale(state)
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": scale,
+                                         "_growth_tracker": good_steps})
+
+    @_peer_losses
+    def agree(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+class PyTorchBackend(ProcessBackend):
+    """Model, optimizer and input pipeline of one process."""
+
+    def __init__(self, setup: RunSetup):
+        super().__init__(setup.config)
+        self.setup = setup
+        self.model = self._to_model(models.from_params(setup.arch, setup.params)).train()
+        self.params = dict(self.model.named_parameters())
+        # Frozen before DDP wraps the model: it all-reduces the parameters that need a gradient.
+        trained = {models.param_name(k) for k in trainable.trained_keys(setup.params,
+                                                                        self.config.train)}
+        for name, p in self.params.items():
+            p.requires_grad_(name in trained)
+        self.net: nn.Module = self._ddp(self.model)
+        self.optimizer = torch.optim.SGD([p for p in self.params.values() if p.requires_grad],
+                                         lr=0.0, momentum=hyperrule.MOMENTUM, dampening=0.0,
+                                         weight_decay=0.0, nesterov=False)
+        # One mixup shard per process keeps every partner inside this process's rows.
+        self.plan = dataclasses.replace(setup.plan, shards=self.world)
+
+    # ---- input ------------------------------------------------------------------------------
+    def train_batches(self, start_step: int) -> Iterator[tuple[int, data.TrainBatch]]:
+        batches = data.train_batches(self.setup.train, self.setup.train_indices, self.plan,
+                                     start_step, self.setup.end_step, self.rows,
+                                     self.config.workers, self.pin)
+        return ((b.step, b) for b in batches)
 
     # ---- one optimizer step -------------------------------------------------------------------
     @_peer_losses
@@ -170,19 +232,10 @@ class PyTorchBackend(loop.Backend):
                 loss = F.cross_entropy(logits, y[rows])
                 if lam != 1.0:
                     loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y2[rows])
-            scaled = loss / split
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            self._backward(loss / split)
             total += loss.detach()
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        total /= split
-        if self.world > 1:
-            dist.all_reduce(total)
-            total /= self.world
-        return float(total)
+        self._update(self.optimizer)
+        return self._mean_over_processes(total / split)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @_peer_losses
@@ -223,9 +276,7 @@ class PyTorchBackend(loop.Backend):
         arch, c = self.setup.arch, self.setup.num_classes
         state = loop.join_state(models.to_params(self.model),
                                 models.from_state_dict(self._momentum(), arch, c))
-        if self.scaler:
-            scaler = self.scaler.state_dict()
-            state.update(precision.loss_scale_state(scaler["scale"], scaler["_growth_tracker"]))
+        state.update(self._loss_scale_state())
         return state
 
     def set_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -237,15 +288,4 @@ class PyTorchBackend(loop.Backend):
                 buf = torch.empty_like(p).copy_(
                     torch.from_numpy(np.asarray(fw_momentum[name], np.float32)))
                 self.optimizer.state[p]["momentum_buffer"] = buf
-        if self.scaler:
-            scale, good_steps = precision.read_loss_scale(state)
-            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": scale,
-                                         "_growth_tracker": good_steps})
-
-    @_peer_losses
-    def agree(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        self._set_loss_scale(state)

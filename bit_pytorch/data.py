@@ -253,8 +253,10 @@ def _worker_context() -> str | None:
     return "forkserver" if {"jax", "tensorflow"} & sys.modules.keys() else None
 
 
-def _loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+def _loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool,
+            collate=None) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                      collate_fn=collate or _collate,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                       worker_init_fn=_worker_init if workers else None,
                       multiprocessing_context=_worker_context() if workers else None)
