@@ -11,11 +11,17 @@ ones (the second step of --batch_split 2, the evaluation step, the CLI runs) 80 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bit_common import checkpoint, distill
+from bit_common.errors import BiTError
 from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
 from conftest import UPDATE_TOLERANCE, update_difference
@@ -28,6 +34,7 @@ from bit_jax import backend, distiller, models  # noqa: E402
 from bit_jax.distill import main  # noqa: E402
 from bit_jax.train import FRAMEWORK  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 ARCH = parse_arch("R50x1")
 B, R, RT = 8, 16, 24
 B1, B2, EPS = distill.ADAM_B1, distill.ADAM_B2, distill.ADAM_EPS
@@ -224,7 +231,7 @@ def test_precision(teacher_npz, monkeypatch):
     d = _distiller(teacher_npz, "--precision", "bf16")
     assert d.student.dtype == jnp.bfloat16 and d.teacher.dtype == jnp.bfloat16
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((d.state[0], d.teacher_params)))
-    with pytest.raises(backend.BiTError, match="fp16 is not supported by the JAX backend"):
+    with pytest.raises(BiTError, match="fp16 is not supported by the JAX backend"):
         _distiller(teacher_npz, "--precision", "fp16")
 
 
@@ -313,3 +320,52 @@ def test_cli_refuses_bf16_on_cpu(teacher_npz, logdir, capsys):
     err = capsys.readouterr().err
     assert "bf16 needs a GPU" in err and "Traceback" not in err
     assert not (logdir / "bf16").exists()
+
+
+TWO_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, "tests")
+    import test_jax_distill as t
+    from bit_common import checkpoint, distill
+    from bit_jax import backend
+    from conftest import update_difference
+    assert len(jax.devices()) == 2, jax.devices()
+    params = checkpoint.random_params(t.ARCH, 10, seed=2)
+    flags = (*t.STEP_FLAGS, "--batch_split", "2")
+    out = {}
+    for n in (1, 2):
+        d = t._distiller(sys.argv[1], *flags, student=params)
+        d = t.distiller.Distiller(d.setup, jax.devices()[:n])
+        step, batch = next(d.train_batches(0))
+        if n == 2:  # the plan's mixup partners stay inside each device's half
+            perm = np.asarray(batch["mixup_perm"])
+            assert set(perm[:4]) == {0, 1, 2, 3} and set(perm[4:]) == {4, 5, 6, 7}, perm
+            assert len(batch["student"].sharding.device_set) == 2
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        batch["mixup_perm"] = np.array([1, 0, 3, 2, 5, 4, 7, 6], np.int32)  # the same for both
+        loss = d.train_step(backend.shard_batch(batch, d.mesh), 1e-3)
+        out[n] = d.get_state(), loss, d.eval_sums()
+    start = distill.join_state(params, *({k: np.zeros_like(v) for k, v in params.items()},) * 2,
+                               0)
+    diff = max(update_difference(out[1][0], out[2][0], start, p)
+               for p in ("resnet/", distill.ADAM_MU, distill.ADAM_NU))
+    print(json.dumps({"update_diff": diff, "loss_diff": abs(out[1][1] - out[2][1]),
+                      "eval_close": bool(np.allclose(out[1][2], out[2][2], rtol=1e-4, atol=1e-3)),
+                      "count": float(out[2][2][-1])}))
+""")
+
+
+@pytest.mark.slow
+def test_two_devices_equal_one_device(teacher_npz):
+    """The step and the evaluation sharded over two (CPU) devices, --batch_split 2 (a micro-batch
+    spread over both), equal one device's on the same batch."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(teacher_npz)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["update_diff"] < UPDATE_TOLERANCE and result["loss_diff"] <= 1e-5, result
+    assert result["count"] == 360 and result["eval_close"], result
