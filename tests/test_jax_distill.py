@@ -3,9 +3,10 @@ mixed images, clipping, AdamW masked to the kernels), batch_split, state, the CL
 
 Everything runs R50x1 teacher and student at 24 / 16 px on batches of 8 digits. The step's
 hyperparameters are traced, so every Distiller of this file (the CLI runs included, in-process)
-shares one compiled step per --batch_split, and one evaluation step. On two CPU cores the
-default tests take about 75 s (the step's compilation 50 s, the reference logits' 15 s); the slow
-ones (the second step of --batch_split 2, the evaluation step, the CLI runs) 80 s more.
+shares one compiled step per --batch_split, and one evaluation step. On two shared CPU cores
+the default tests take 75-110 s (compiling the step 50 s, the reference logits' forward passes
+15-35 s); the slow ones (the step of --batch_split 2, the evaluation step and the CLI runs, two
+devices in a subprocess) about 80 s and 180 s more.
 """
 
 from __future__ import annotations
