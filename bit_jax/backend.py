@@ -45,9 +45,40 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def data_mesh(batch: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """`make_mesh`, for a global batch of `batch` examples split over its devices."""
+    mesh = make_mesh(devices)
+    if batch % mesh.devices.size:
+        raise BiTError(f"--batch {batch} must be divisible by the number of devices "
+                       f"({mesh.devices.size}) for data parallelism.")
+    return mesh
+
+
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+@jax.jit
+def mixup_parts(image: jax.Array, lam: jax.Array, perm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two products of mixup, `lam * x` and `(1 - lam) * x[perm]`, in their own executable:
+    if the sum were compiled together with them, XLA could fuse it into a multiply-add and round
+    differently from numpy's / torch's `lam * x + (1 - lam) * x[perm]` (and from other
+    compilations of the step). The max pool's arg-max, and so the gradient, is sensitive to that
+    last bit. The step adds the two."""
+    x = image.astype(jnp.float32)
+    lam = lam.astype(jnp.float32)
+    return lam * x, (1 - lam) * x[perm]
+
+
+def micro_batches(a: jax.Array, k: int, mesh: Mesh) -> jax.Array:
+    """[B, ...] -> [k, B / k, ...] contiguous micro-batches for a `lax.scan` (inside a jitted
+    step), each spread over all devices when it divides evenly."""
+    a = a.reshape(k, a.shape[0] // k, *a.shape[1:])
+    if a.shape[1] % mesh.devices.size == 0:
+        spec = P(None, DATA_AXIS, *([None] * (a.ndim - 2)))
+        a = lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+    return a
 
 
 _STEP_CACHE: dict[tuple, Callable] = {}
@@ -81,7 +112,6 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh,
     tx = optax.trace(decay=hyperrule.MOMENTUM, nesterov=False)
     k = batch_split
     replicated = NamedSharding(mesh, P())
-    ndev = mesh.devices.size
     trained = trained_paths(module, train)
 
     def partition(tree):
@@ -101,15 +131,6 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh,
 
     grad_fn = jax.value_and_grad(micro_loss)
 
-    def mix(image, lam, perm):
-        # The two products of mixup, in their own executable: if the sum were compiled
-        # together with them, XLA could fuse it into a multiply-add and round differently from
-        # numpy's / torch's `lam * x + (1 - lam) * x[perm]` (and from other compilations of the
-        # step). The max pool's arg-max, and so the gradient, is sensitive to that last bit.
-        x = image.astype(jnp.float32)
-        lam = lam.astype(jnp.float32)
-        return lam * x, (1 - lam) * x[perm]
-
     def core(state, batch, lr):
         params, frozen = partition(state[0])
         trace, frozen_trace = partition(state[1].trace)
@@ -121,13 +142,6 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh,
         if k == 1:
             loss, grads = grad_fn(params, frozen, x, y, y_mix, lam)
         else:
-            def split(a):
-                a = a.reshape(k, a.shape[0] // k, *a.shape[1:])
-                if a.shape[1] % ndev == 0:  # spread every micro-batch over all devices
-                    spec = P(None, DATA_AXIS, *([None] * (a.ndim - 2)))
-                    a = lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
-                return a
-
             def body(carry, micro):
                 g_acc, l_acc = carry
                 loss_i, g = grad_fn(params, frozen, *micro, lam)
@@ -135,17 +149,17 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh,
                 return (g_acc, l_acc + loss_i / k), None
 
             init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            (grads, loss), _ = lax.scan(body, init, (split(x), split(y), split(y_mix)))
+            (grads, loss), _ = lax.scan(body, init, tuple(micro_batches(a, k, mesh)
+                                                          for a in (x, y, y_mix)))
         updates, opt_state = tx.update(grads, optax.TraceState(trace=trace), params)
         params = jax.tree.map(lambda p, u: p - lr.astype(p.dtype) * u, params, updates)
         return (merge(params, frozen),
                 optax.TraceState(trace=merge(opt_state.trace, frozen_trace))), loss
 
-    mix_fn = jax.jit(mix)
     core_fn = jax.jit(core, out_shardings=replicated, donate_argnums=(0,))
 
     def step(state, batch, lr):
-        image, partner = mix_fn(batch["image"], batch["mixup_lambda"], batch["mixup_perm"])
+        image, partner = mixup_parts(batch["image"], batch["mixup_lambda"], batch["mixup_perm"])
         return core_fn(state, {**batch, "image": image, "partner": partner}, lr)
 
     _STEP_CACHE[key] = step
@@ -224,11 +238,8 @@ class JaxBackend(loop.Backend):
         config = setup.config
         dtype = _compute_dtype(config.precision)
         self.setup, self.config = setup, config
-        self.mesh = make_mesh(devices)
+        self.mesh = data_mesh(config.batch, devices)
         ndev = self.mesh.devices.size
-        if config.batch % ndev:
-            raise BiTError(f"--batch {config.batch} must be divisible by the number of devices "
-                           f"({ndev}) for data parallelism.")
         self.is_chief = jax.process_index() == 0
         self.module = models.make_module(setup.arch, setup.num_classes, dtype)
         self.state = init_state(setup.params, self.mesh)
@@ -264,7 +275,7 @@ class JaxBackend(loop.Backend):
         totals = np.zeros(4, np.float64)
         params = self.state[0]
         for batch in data.batches(self._eval_ds):
-            batch = _pad_batch(batch, self._eval_batch)
+            batch = pad_batch(batch, self._eval_batch)
             b = shard_batch({k: batch[k] for k in ("image", "label", "mask")}, self.mesh)
             totals += np.asarray(self._eval(params, b["image"], b["label"], b["mask"]),
                                  np.float64)
@@ -280,14 +291,19 @@ class JaxBackend(loop.Backend):
 
     @_peer_losses
     def agree(self, flag: bool) -> bool:
-        if jax.process_count() == 1:
-            return flag
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return any_process(flag)
 
 
-def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set in any process of the run (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Pad a (last, short) evaluation batch to `size` rows with mask 0."""
     n = len(batch["label"])
     if n == size:
