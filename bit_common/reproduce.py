@@ -75,7 +75,8 @@ def jobs() -> Iterator[Job]:
                               ("--model", model, "--dataset", f"vtab/{task}", "--seed", str(run),
                                "--batch_split", VTAB_BATCH_SPLIT))
                     yield Job("VTAB-1k", fw, f"{model}-vtab-{task}-run{run}-released-{fw}",
-                              ("--model", f"vtab/{model}-run{run}-{task}", "--dataset", f"vtab/{task}", "--steps", "0"))
+                              ("--model", f"vtab/{model}-run{run}-{task}",
+                               "--dataset", f"vtab/{task}", "--steps", "0"))
 
 
 def finished(run_dir: Path, eval_only: bool = False) -> bool:
