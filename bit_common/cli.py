@@ -85,7 +85,10 @@ RUN_FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "steps": (("--steps",), dict(
         type=int, default=None,
         help="Stop after this many optimizer steps, without changing the schedule (a shorter "
-             "run never reaches its decays; --schedule_steps shortens the schedule).")),
+             "run never reaches its decays; --schedule_steps shortens the schedule). 0: "
+             "evaluation only, of --model with its own head (which must have the dataset's "
+             "classes, e.g. a vtab/ model on its task); writes the eval record, no "
+             "checkpoint.")),
     "schedule_steps": (("--schedule_steps",), dict(
         type=int, default=None,
         help="Scale BiT-HyperRule's schedule to end at this step, its warm-up and decays at "
@@ -149,8 +152,9 @@ def check_args(args: argparse.Namespace) -> None:
                        f"--batch_split {_divisor_near(args.batch, args.batch_split)}.")
     for flag in ("eval_every", "steps", "save_every", "examples_per_class"):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise BiTError(f"--{flag} must be at least 1, got {value}.")
+        if value is not None and value < (0 if flag == "steps" else 1):
+            raise BiTError(f"--{flag} must be at least {0 if flag == 'steps' else 1}, got "
+                           f"{value}" + (" (0: evaluation only)." if flag == "steps" else "."))
     if args.schedule_steps is not None and args.schedule_steps < hyperrule.MIN_SCHEDULE_STEPS:
         raise BiTError(f"--schedule_steps must be at least {hyperrule.MIN_SCHEDULE_STEPS}, got "
                        f"{args.schedule_steps}: the schedule needs a warm-up step and a step "

@@ -93,6 +93,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
                                               f"reaches 0 at this step (default: {EPOCHS} "
                                               f"epochs of the training set at --batch)."},
                       seed={"help": "Seed of data order, crops, flips and mixup."},
+                      steps={"help": "Stop after this many optimizer steps, without "
+                                     "changing the schedule (--schedule_steps sets it)."},
                       augment={"help": "No inception crop, flip or mixup: both models see the "
                                        "central box (for debugging and cross-framework "
                                        "checks)."})

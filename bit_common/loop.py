@@ -33,7 +33,7 @@ from bit_common.datasets import (DatasetInfo, Split, first_image_hw, get_dataset
 from bit_common.errors import BiTError, CheckpointError, DataError
 from bit_common.fewshot import sample_few_shot
 from bit_common.plan import InputPlan
-from bit_common.runlog import RunLog
+from bit_common.runlog import RunLog, read_metrics
 from bit_common.weights import find_or_download
 
 CHECKPOINT = "checkpoint.npz"
@@ -103,8 +103,14 @@ class RunSetup:
     num_classes: int
     arch: registry.Arch
     params: dict[str, np.ndarray]  # canonical: the checkpoint's, its head replaced by zeros
+                                   # (kept with --steps 0, which evaluates it: see eval_only)
     plan: InputPlan
     end_step: int               # the run stops after this many optimizer steps
+
+    @property
+    def eval_only(self) -> bool:
+        """--steps 0: the checkpoint is evaluated with its own head, nothing is trained."""
+        return self.end_step == 0
 
     @property
     def resize(self) -> int:
@@ -228,7 +234,8 @@ def make_setup(args: argparse.Namespace, framework: Framework,
                params: Mapping[str, np.ndarray] | None = None) -> RunSetup:
     """The whole run, decided once from the flags: both splits (loaded now, so that a broken
     evaluation split fails before the first step), the few-shot subset, the resolution, the
-    checkpoint of --model with a zero head, the input plan and the end step.
+    checkpoint of --model with a zero head (its own head with --steps 0, which must fit the
+    dataset), the input plan and the end step.
 
     `params` (canonical) replace the checkpoint file and are kept as they are, head included;
     the bench and the tests start from random ones.
@@ -255,8 +262,10 @@ def make_setup(args: argparse.Namespace, framework: Framework,
     else:
         resize, crop = hyperrule.get_resolution(info.image_hw or first_image_hw(train))
     if weights is not None:
-        arch, params = checkpoint.load_params(weights, num_classes=num_classes,
-                                              expected=model.arch)
+        arch, params = checkpoint.load_params(weights, expected=model.arch, num_classes=(
+            None if args.steps == 0 else num_classes))
+        if args.steps == 0:
+            _check_own_head(params, num_classes, args)
     else:
         arch, params = model.arch, dict(params)
         checkpoint.validate(params, arch, num_classes, source="The given parameters")
@@ -267,6 +276,18 @@ def make_setup(args: argparse.Namespace, framework: Framework,
     end = total if args.steps is None else min(args.steps, total)
     return RunSetup(config, info, train, evaluation, indices, num_classes, arch, params, plan,
                     end)
+
+
+def _check_own_head(params: Mapping[str, np.ndarray], num_classes: int,
+                    args: argparse.Namespace) -> None:
+    """--steps 0 scores the checkpoint's own head, so it must have the dataset's classes."""
+    head = int(params[checkpoint.HEAD_BIAS].shape[0])
+    if head != num_classes:
+        raise CheckpointError(
+            f"--steps 0 evaluates --model {args.model} with its own head, which has {head} "
+            f"classes, but --dataset {args.dataset} has {num_classes}. Evaluate a model "
+            f"fine-tuned on this dataset (for vtab/<task>: vtab/BiT-M-<arch>-run<r>-<task>), or "
+            f"fine-tune first (leave out --steps, or give it 1 or more).")
 
 
 # ---- what a command trains -------------------------------------------------------------------
@@ -373,7 +394,9 @@ class Trainer:
         args = self.args
         run_dir = Path(args.logdir) / args.name
         _check_writable(Path(args.logdir))
-        resume = self._read_checkpoint(run_dir) if args.save else None
+        if args.steps == 0:
+            _check_eval_only_folder(run_dir)
+        resume = self._read_checkpoint(run_dir) if args.save and args.steps != 0 else None
         setup = self.recipe.make_setup(args, self.framework)
         backend = self.recipe.make_backend(self.framework, setup)
         start = 0
@@ -435,6 +458,12 @@ class Trainer:
     def _train(self, backend: Backend, batches: Iterator[tuple[int, Any]] | None,
                setup: RunSetup, log: RunLog, run_dir: Path, start: int) -> int:
         args, end, recipe = self.args, setup.end_step, self.recipe
+        if getattr(setup, "eval_only", False):
+            log.info(f"{self.framework.name}: evaluating {args.model} ({setup.arch.name}, its "
+                     f"own {setup.num_classes}-class head) on {len(setup.eval)} {args.dataset} "
+                     f"examples at {setup.crop} px (--steps 0: no training, no checkpoint).")
+            log.eval(0, **recipe.eval_metrics(backend.eval_sums()))
+            return 0
         if start >= end:
             log.info(f"Run {run_dir} already reached step {start}; nothing to do.")
             return 0
@@ -528,6 +557,16 @@ def _check_all_resume(backend: Backend, run_dir: Path, start: int) -> None:
             f"Some processes of this multi-process run found a checkpoint in {run_dir} and others "
             f"did not, so they cannot resume together. --logdir must name a folder that every "
             f"process sees (a shared file system), with the same contents.")
+
+
+def _check_eval_only_folder(run_dir: Path) -> None:
+    """--steps 0 never writes into a training run's folder (its log would lose the run's
+    records, which a fresh run's log drops after the step it starts from)."""
+    trained = (run_dir / CHECKPOINT).exists() or any(
+        r.get("step", 0) > 0 for r in read_metrics(run_dir / "metrics.jsonl"))
+    if trained:
+        raise BiTError(f"--steps 0 (evaluation only) was given the folder of a training run, "
+                       f"{run_dir}, which it would overwrite. Use another --name.")
 
 
 def _check_writable(logdir: Path) -> None:

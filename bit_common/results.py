@@ -5,12 +5,20 @@ top-1. Runs are grouped by model, dataset, examples per class and framework, and
 shown as `min ← median → max` over its runs (a single run as its value). The plot is the
 few-shot figure (top-1 against examples per class) where few-shot runs are found, and otherwise
 each run's curves (loss and top-1 against step).
+
+VTAB-1k runs (`--dataset vtab/<task>`, no --examples_per_class) get tables of their own, one per
+model and kind (fine-tuned, or evaluated as released with --steps 0): a row per task and a
+column per framework, then the three group means and the 19-task mean, each the mean of its
+tasks' median top-1 (shown once every task of the group has a run). The released fine-tuned
+files `vtab/BiT-M-<arch>-run<r>-<task>` count as one model, `vtab/BiT-M-<arch>`, whose runs
+are r = 0, 1, 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bit_common import vtab
 from bit_common.runlog import read_metrics
 
 FRAMEWORK_ORDER = ("tf2", "jax", "pytorch")
@@ -32,6 +41,24 @@ class RunResult:
     framework: str
     top1: float  # percent
     path: Path
+    eval_only: bool = False  # --steps 0: the model scored as it is, with its own head
+
+    @property
+    def vtab_task(self) -> str | None:
+        """The VTAB-1k task of a `vtab/<task>` run on the task's 1000 examples, else None."""
+        if self.dataset.startswith(VTAB_PREFIX) and self.examples_per_class is None:
+            return self.dataset[len(VTAB_PREFIX):]
+        return None
+
+    @property
+    def vtab_model(self) -> str:
+        """The model's name in the VTAB tables: the released per-task files as one model."""
+        released = _RELEASED_VTAB.match(self.model)
+        return f"{VTAB_PREFIX}{released['model']}" if released else self.model
+
+
+VTAB_PREFIX = "vtab/"
+_RELEASED_VTAB = re.compile(r"^vtab/(?P<model>.+)-run\d+-[^/]+$")
 
 
 def collect(logdir: str | Path) -> list[RunResult]:
@@ -44,7 +71,8 @@ def collect(logdir: str | Path) -> list[RunResult]:
             continue
         c = json.loads(config_path.read_text())
         results.append(RunResult(c["model"], c["dataset"], c.get("examples_per_class"),
-                                 c["framework"], 100.0 * evals[-1]["top1"], run_dir))
+                                 c["framework"], 100.0 * evals[-1]["top1"], run_dir,
+                                 eval_only=c.get("steps") == 0))
     return results
 
 
@@ -56,7 +84,54 @@ def summary(values: list[float]) -> str:
     return f"{v.min():.1f} ← {np.median(v):.1f} → {v.max():.1f}"
 
 
+def _frameworks(results: list[RunResult]) -> list[str]:
+    """The frameworks of `results`, the README's order first."""
+    found = {r.framework for r in results}
+    return [f for f in FRAMEWORK_ORDER if f in found] + sorted(found - set(FRAMEWORK_ORDER))
+
+
+def _header(first: list[str], fws: list[str]) -> list[str]:
+    cols = first + [FRAMEWORK_TITLES.get(f, f) for f in fws]
+    return ["| " + " | ".join(cols) + " |",
+            "| " + " | ".join([":---"] * len(first) + [":---:"] * len(fws)) + " |"]
+
+
 def tables(results: list[RunResult]) -> str:
+    """The README's tables: the VTAB-1k runs' (`vtab_tables`) after all others'."""
+    others = [r for r in results if r.vtab_task is None]
+    vtab_runs = [r for r in results if r.vtab_task is not None]
+    return "\n".join(part for part in (dataset_tables(others), vtab_tables(vtab_runs)) if part)
+
+
+def vtab_tables(results: list[RunResult]) -> str:
+    """One Markdown table per VTAB model and kind: a row per task (its group beside it), then
+    the group means and the 19-task mean; columns frameworks. A task without a run shows "–",
+    as does a mean that lacks one of its tasks."""
+    out = []
+    for model, eval_only in sorted({(r.vtab_model, r.eval_only) for r in results}):
+        runs = [r for r in results if (r.vtab_model, r.eval_only) == (model, eval_only)]
+        fws = _frameworks(runs)
+        top1: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for r in runs:
+            top1[r.vtab_task, r.framework].append(r.top1)
+        kind = "evaluated as released (--steps 0)" if eval_only else "fine-tuned"
+        out += [f"VTAB-1k: {model}, {kind}", "", *_header(["Task", "Group"], fws)]
+        for name, task in vtab.TASKS.items():
+            cells = [summary(top1[name, f]) if (name, f) in top1 else "–" for f in fws]
+            out.append(f"| {name} | {task.group} | " + " | ".join(cells) + " |")
+        means = {f: vtab.group_means({name: float(np.median(top1[name, f]))
+                                      for name in vtab.TASKS if (name, f) in top1})
+                 for f in fws}
+        sizes = {g: sum(t.group == g for t in vtab.TASKS.values()) for g in vtab.GROUPS}
+        for key, label, size in [*((g, g, sizes[g]) for g in vtab.GROUPS),
+                                 ("mean", "all", len(vtab.TASKS))]:
+            cells = [f"{means[f][key]:.2f}" if key in means[f] else "–" for f in fws]
+            out.append(f"| **{label}** | mean of {size} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def dataset_tables(results: list[RunResult]) -> str:
     """One Markdown table per model: rows dataset x examples per class, columns frameworks."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in results:

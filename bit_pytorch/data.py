@@ -86,6 +86,9 @@ def load_splits(config: RunConfig, info: DatasetInfo) -> tuple[Split, Split]:
     task's train800val200 and test read from tfds exactly as the tf.data pipeline reads them."""
     name, root = info.name, _root(config)
     if info.vtab is not None:
+        # torch._dynamo (which the optimizer imports) loaded after TensorFlow has run crashes the
+        # process (torch 2.14, TensorFlow 2.21), as torchvision does: load it before tfds runs.
+        import torch._dynamo  # noqa: F401
         return tfds_source.load_vtab_splits(info.vtab, config.datadir)
     if name in ("cifar10", "cifar100"):
         return _cifar(root, name, train=True), _cifar(root, name, train=False)

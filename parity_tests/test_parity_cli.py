@@ -19,11 +19,10 @@ from parity_tests.frameworks import FRAMEWORKS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _command(framework: str, flags: tuple[str, ...], command: str = "train"
-             ) -> subprocess.Popen:
+def _command(module: str, flags: tuple[str, ...]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", f"bit_{framework}.{command}", *flags],
+    return subprocess.Popen([sys.executable, "-m", module, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=ROOT)
 
@@ -33,12 +32,12 @@ def train(framework: str, *flags: str) -> subprocess.CompletedProcess:
     return train_together({framework: flags})[framework]
 
 
-def train_together(runs: dict[str, tuple[str, ...]], command: str = "train"
+def train_together(runs: dict[str, tuple[str, ...]], module: str = "bit_{}.train"
                    ) -> dict[str, subprocess.CompletedProcess]:
-    """The CLI (`command`: train or distill) of each framework with its flags, all at once: a
-    short run is mostly start-up and compiling, which keeps one core busy, so the three side by
-    side take little longer than one. Each must succeed."""
-    procs = {fw: _command(fw, tuple(flags), command) for fw, flags in runs.items()}
+    """The CLI of each framework with its flags, all at once: a short run is mostly start-up and
+    compiling, which keeps one core busy, so the three side by side take little longer than
+    one. Each must succeed. `module` ({} the key of `runs`) is what `python -m` runs."""
+    procs = {fw: _command(module.format(fw), tuple(flags)) for fw, flags in runs.items()}
     done = {}
     for fw, proc in procs.items():
         out, err = proc.communicate(timeout=900)
@@ -174,3 +173,101 @@ def test_loss_curves_agree_over_ten_steps(tmp_path, r50_npz, report):
     d = max(abs(a - b) for fw in ("jax", "tf2") for a, b in zip(curves[fw], curves["pytorch"]))
     report(f"10 CLI steps (resumed at 5): max |Δ| loss {d:.2e}")
     assert d <= 1e-3
+
+
+# ---- VTAB-1k: one task of tfds' mock data, fine-tuned and evaluated only ------------------------
+VTAB_TASK = "cifar100"  # 32x32 images: mocked and decoded quickly
+VTAB_MOCK_EXAMPLES = 48  # in each split (train800val200 and test)
+VTAB_EVALUATED = f"vtab/BiT-M-R50x1-run0-{VTAB_TASK}"
+
+
+def _vtab_flags(logdir: Path, weights: Path, name: str, model: str, steps: int) -> list[str]:
+    """Random crops and flips on (cifar100 allows both), so the batches follow the shared plan;
+    a 10-step schedule, so that steps 2 and 3 move the head (warm-up 2 steps), at a rate that
+    keeps the logits small (at 0.3 the evaluation's loss is 22 and its top-5 ranks near ties)."""
+    return ["--name", name, "--model", model, "--logdir", str(logdir),
+            "--bit_pretrained_dir", str(weights), "--dataset", f"vtab/{VTAB_TASK}",
+            "--batch", "8", "--resolution", "40", "32", "--base_lr", "0.01", "--workers", "0",
+            "--batch_eval", "48", "--schedule_steps", "10", "--steps", str(steps)]
+
+
+@pytest.fixture(scope="module")
+def vtab_runs(tmp_path_factory, r50_npz):
+    """Each CLI trains 3 steps of vtab/cifar100 from `r50_npz`, and, side by side, evaluates a
+    100-class checkpoint with its own head (--steps 0), all on the same mock data."""
+    from bit_common import vtab
+
+    logdir, weights = tmp_path_factory.mktemp("vtab_runs"), tmp_path_factory.mktemp("vtab_w")
+    (weights / r50_npz.name).symlink_to(r50_npz)
+    checkpoint.write_random_checkpoint(weights / f"{VTAB_EVALUATED}.npz", "R50x1",
+                                       vtab.get_task(VTAB_TASK).num_classes, seed=1)
+    runs = {}
+    for fw in FRAMEWORKS:
+        runs[fw] = (fw, str(VTAB_MOCK_EXAMPLES), str(logdir / f"{fw}-first-batch.npz"),
+                    *_vtab_flags(logdir, weights, f"{fw}-train", "BiT-M-R50x1", 3))
+        runs[f"{fw}-eval"] = (fw, str(VTAB_MOCK_EXAMPLES), "",
+                              *_vtab_flags(logdir, weights, f"{fw}-eval", VTAB_EVALUATED, 0))
+    train_together(runs, module="parity_tests.mocked_vtab_cli")
+    return logdir
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+
+
+@pytest.mark.slow  # six CLIs side by side: about 5 minutes on 2 cores
+def test_vtab_task_same_first_batch_in_the_three_clis(vtab_runs, report):
+    batches = {fw: dict(np.load(vtab_runs / f"{fw}-first-batch.npz")) for fw in FRAMEWORKS}
+    ref = batches["pytorch"]
+    assert ref["image"].shape == (8, 32, 32, 3) and int(ref["step"]) == 0
+    assert len(set(ref["label"].tolist())) > 1  # the mock's labels, not one constant
+    worst = 0.0
+    for fw in ("jax", "tf2"):
+        np.testing.assert_array_equal(batches[fw]["label"], ref["label"])
+        # The shared pipelines' float32 resize arithmetic (test_parity_pipelines.py's tolerance).
+        np.testing.assert_allclose(batches[fw]["image"], ref["image"], atol=2e-4)
+        worst = max(worst, float(np.abs(batches[fw]["image"] - ref["image"]).max()))
+    report(f"vtab/{VTAB_TASK} first CLI batch: labels equal, max |Δ| pixel {worst:.1e}")
+
+
+@pytest.mark.slow  # six CLIs side by side: about 5 minutes on 2 cores
+def test_vtab_task_same_training_and_eval_top1_in_the_three_clis(vtab_runs, report):
+    configs = {fw: json.loads((vtab_runs / f"{fw}-train" / "config.json").read_text())
+               for fw in FRAMEWORKS}
+    assert {(c["num_classes"], c["num_train_examples"], c["crop"]) for c in configs.values()} \
+        == {(100, VTAB_MOCK_EXAMPLES, 32)}
+    states = {fw: _state(vtab_runs / f"{fw}-train") for fw in FRAMEWORKS}
+    head = [checkpoint.HEAD_KERNEL, checkpoint.HEAD_BIAS]
+    h, h_at = _worst_relative(states, head + ["momentum/" + k for k in head])
+    evals = {fw: _evals(vtab_runs / f"{fw}-train") for fw in FRAMEWORKS}
+    assert all([e["step"] for e in ev] == [3] for ev in evals.values())
+    losses = {fw: [r["loss"] for r in read_metrics(vtab_runs / f"{fw}-train" / "metrics.jsonl")
+                   if r["type"] == "train"] for fw in FRAMEWORKS}
+    d = max(abs(a - b) for fw in ("jax", "tf2") for a, b in zip(losses[fw], losses["pytorch"]))
+    e = max(abs(evals[fw][0]["loss"] / evals["pytorch"][0]["loss"] - 1) for fw in ("jax", "tf2"))
+    report(f"vtab/{VTAB_TASK}, 3 CLI steps: head and its momentum max relative L2 |Δ| {h:.1e} "
+           f"({h_at}), max |Δ| loss {d:.1e}; eval top-1 {evals['pytorch'][0]['top1']:.3f}, "
+           f"eval loss relative |Δ| {e:.1e}")
+    assert losses["pytorch"][2] != losses["pytorch"][0]  # the head moved before step 3
+    assert h <= 1e-4 and d <= 1e-4 and e <= 1e-4  # as the digits runs above
+    assert evals["pytorch"][0]["top1"] == evals["jax"][0]["top1"] == evals["tf2"][0]["top1"]
+
+
+@pytest.mark.slow  # six CLIs side by side: about 5 minutes on 2 cores
+def test_vtab_steps_0_scores_the_checkpoints_own_head_alike_in_the_three_clis(vtab_runs, report):
+    import math
+
+    evals = {fw: _evals(vtab_runs / f"{fw}-eval") for fw in FRAMEWORKS}
+    assert all([e["step"] for e in ev] == [0] for ev in evals.values())
+    ref = evals["pytorch"][0]
+    assert abs(ref["loss"] - math.log(100)) > 0.01  # the file's own head, not a zero one
+    for fw in ("jax", "tf2"):
+        assert (evals[fw][0]["top1"], evals[fw][0]["top5"]) == (ref["top1"], ref["top5"]), fw
+        assert evals[fw][0]["loss"] == pytest.approx(ref["loss"], rel=1e-5), fw
+    d = max(abs(evals[fw][0]["loss"] - ref["loss"]) for fw in ("jax", "tf2"))
+    report(f"vtab/{VTAB_TASK} --steps 0: top-1 {ref['top1']:.3f} in all three, max |Δ| loss "
+           f"{d:.1e}")
+    for fw in FRAMEWORKS:
+        run_dir = vtab_runs / f"{fw}-eval"
+        assert json.loads((run_dir / "config.json").read_text())["model"] == VTAB_EVALUATED
+        assert not (run_dir / "checkpoint.npz").exists() and not (run_dir / "model.npz").exists()

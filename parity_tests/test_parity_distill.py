@@ -32,7 +32,7 @@ def distill_flags(logdir: Path, teacher: Path, name: str, *extra: str) -> list[s
 def distilled(tmp_path_factory, r50_npz):
     logdir = tmp_path_factory.mktemp("parity_distill")
     train_together({fw: distill_flags(logdir, r50_npz, fw) for fw in FRAMEWORKS},
-                   command="distill")
+                   module="bit_{}.distill")
     return logdir
 
 

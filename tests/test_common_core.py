@@ -192,7 +192,8 @@ def test_cli_defaults_are_the_originals():
 @pytest.mark.parametrize("flags, message", [
     (("--batch", "10", "--batch_split", "4"), "not divisible by --batch_split 4"),
     (("--resolution", "32", "40"), "no larger than the resize"),
-    (("--steps", "0",), "--steps must be at least 1"),
+    (("--steps", "-1",), r"--steps must be at least 0, got -1 \(0: evaluation only\)"),
+    (("--save_every", "0",), "--save_every must be at least 1, got 0"),
     (("--schedule_steps", "5",), "--schedule_steps must be at least 6, got 5"),
     (("--schedule_steps", "0",), "--schedule_steps must be at least 6, got 0"),
 ])

@@ -329,3 +329,59 @@ def test_make_setup_decides_the_run_once(r50_npz):
     assert loop.make_setup(args, Numpy, params=given).params[HEAD_K].any()  # kept as given
     with pytest.raises(checkpoint.CheckpointError, match="fit BiT R50x1 with 10 classes"):
         loop.make_setup(args, Numpy, params=checkpoint.random_params(setup.arch, 7))
+
+
+# ---- --steps 0: evaluation only -------------------------------------------------------------
+def test_steps_0_evaluates_the_checkpoint_with_its_own_head(run, tmp_path):
+    """A fine-tuned model.npz, evaluated as --model: the same top-1 as the run's final
+    evaluation (a zero head would score one class), and only the eval record is written."""
+    code, err, trained = run("--steps", "30", name="trained")
+    assert code == 0, err
+    final = [r for r in read_metrics(trained / "metrics.jsonl") if r["type"] == "eval"][-1]
+    weights = tmp_path / "finetuned"
+    weights.mkdir()
+    (weights / "BiT-M-R50x1.npz").write_bytes((trained / loop.FINAL_MODEL).read_bytes())
+    code, err, run_dir = run("--steps", "0", "--bit_pretrained_dir", str(weights), name="ev")
+    assert code == 0, err
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [(r["type"], r["step"]) for r in records] == [("eval", 0)]
+    assert final["top1"] > 0.5
+    assert records[0]["top1"] == pytest.approx(final["top1"])
+    assert records[0]["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    config = json.loads((run_dir / loop.CONFIG).read_text())
+    assert (config["steps"], config["framework"], config["num_classes"]) == (0, "numpy", 10)
+    assert not (run_dir / loop.CHECKPOINT).exists() and not (run_dir / loop.FINAL_MODEL).exists()
+    assert "its own 10-class head" in (run_dir / "train.log").read_text()
+    assert run("--steps", "0", "--bit_pretrained_dir", str(weights), name="ev")[0] == 0  # again
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 0]
+
+
+def test_steps_0_keeps_the_head_in_the_setup(r50_npz, r50_params):
+    args = cli.build_parser("numpy").parse_args(
+        ["--name", "x", "--model", "BiT-M-R50x1", "--logdir", "unused", "--dataset", "digits",
+         "--bit_pretrained_dir", str(r50_npz.parent), "--steps", "0", "--workers", "0"])
+    setup = loop.make_setup(args, Numpy)
+    assert setup.eval_only and setup.end_step == 0
+    assert np.array_equal(setup.params[HEAD_K], r50_params[HEAD_K]) and setup.params[HEAD_K].any()
+    args.steps = 1
+    setup = loop.make_setup(args, Numpy)
+    assert not setup.eval_only and not setup.params[HEAD_K].any()
+
+
+def test_steps_0_with_a_head_of_other_classes_is_explained(run, tmp_path):
+    weights = tmp_path / "w7"
+    checkpoint.write_random_checkpoint(weights / "BiT-M-R50x1.npz", "R50x1", 7)
+    code, err, run_dir = run("--steps", "0", "--bit_pretrained_dir", str(weights), name="head")
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert ("--steps 0 evaluates --model BiT-M-R50x1 with its own head, which has 7 classes, "
+            "but --dataset digits has 10.") in err
+    assert not run_dir.exists()
+
+
+def test_steps_0_never_writes_into_a_training_runs_folder(run):
+    assert run("--steps", "2", name="busy")[0] == 0
+    run_dir = run("--steps", "2", name="busy")[2]
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    code, err, _ = run("--steps", "0", name="busy")
+    assert code == 2 and "--steps 0 (evaluation only) was given the folder of a training run" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before

@@ -215,3 +215,150 @@ def test_demo_says_what_it_tries_and_leaves_no_empty_folder(tmp_path, monkeypatc
     weights.mkdir()  # a folder the user made stays
     demo.prepare_weights("BiT-M-R50x1", weights, tmp_path / "rand")
     assert weights.is_dir()
+
+
+# ---- VTAB-1k ------------------------------------------------------------------------------
+def _hand_made_run(logdir, name: str, top1: float, steps: int | None = None, **config) -> None:
+    """A finished run's folder as the loop writes it: config.json and its last eval record."""
+    import json
+
+    run_dir = logdir / name
+    run_dir.mkdir(parents=True)
+    config = {"examples_per_class": None, "steps": steps, **config}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    records = [{"type": "eval", "step": 5, "top1": 0.01, "top5": 0.1, "loss": 3.0},
+               {"type": "eval", "step": 0 if steps == 0 else 10, "top1": top1, "top5": 1.0,
+                "loss": 0.5}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _vtab_value(task_index: int, run: int, framework: str) -> float:
+    return 0.40 + 0.02 * task_index + 0.003 * run + {"pytorch": 0.0, "jax": 0.001}[framework]
+
+
+@pytest.fixture
+def vtab_logdir(tmp_path):
+    """BiT-M-R152x4 fine-tuned on every task three times in PyTorch and on the natural tasks
+    once in Jax; two released files scored with --steps 0 in TF2; a CIFAR run and a few-shot
+    VTAB run (which belong in the ordinary table)."""
+    from bit_common import vtab
+
+    for i, task in enumerate(vtab.TASKS):
+        for run in range(3):
+            _hand_made_run(tmp_path, f"pt-{task}-{run}", _vtab_value(i, run, "pytorch"),
+                           model="BiT-M-R152x4", dataset=f"vtab/{task}", framework="pytorch")
+        if vtab.TASKS[task].group == "natural":
+            _hand_made_run(tmp_path, f"jax-{task}", _vtab_value(i, 0, "jax"),
+                           model="BiT-M-R152x4", dataset=f"vtab/{task}", framework="jax")
+    for run, value in ((0, 0.9), (1, 0.8)):
+        _hand_made_run(tmp_path, f"released-{run}", value, steps=0, framework="tf2",
+                       model=f"vtab/BiT-M-R152x4-run{run}-clevr-count", dataset="vtab/clevr-count")
+    _hand_made_run(tmp_path, "cifar", 0.97, model="BiT-M-R152x4", dataset="cifar10",
+                   framework="pytorch")
+    _hand_made_run(tmp_path, "few", 0.33, model="BiT-M-R152x4", dataset="vtab/dtd",
+                   framework="pytorch", examples_per_class=2)
+    return tmp_path
+
+
+def _table(text: str, title: str) -> list[list[str]]:
+    """The cells of the Markdown table under `title` (its header row first)."""
+    lines = text.splitlines()
+    start = lines.index(title) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return [rows[0]] + rows[2:]  # without the alignment row
+
+
+def test_vtab_table_has_every_task_the_group_means_and_the_mean(vtab_logdir):
+    from bit_common import vtab
+
+    text = results.tables(results.collect(vtab_logdir))
+    table = _table(text, "VTAB-1k: BiT-M-R152x4, fine-tuned")
+    assert table[0] == ["Task", "Group", "Jax", "PyTorch"]
+    rows = {row[0]: row[1:] for row in table[1:]}
+    assert list(rows)[:19] == list(vtab.TASKS)
+    medians = {}
+    for i, (task, t) in enumerate(vtab.TASKS.items()):
+        runs = [100 * _vtab_value(i, r, "pytorch") for r in range(3)]
+        medians[task] = runs[1]
+        jax = f"{100 * _vtab_value(i, 0, 'jax'):.1f}" if t.group == "natural" else "–"
+        assert rows[task] == [t.group, jax, f"{runs[0]:.1f} ← {runs[1]:.1f} → {runs[2]:.1f}"]
+    for group in vtab.GROUPS:
+        names = [n for n, t in vtab.TASKS.items() if t.group == group]
+        mean = np.mean([medians[n] for n in names])
+        jax = [100 * _vtab_value(list(vtab.TASKS).index(n), 0, "jax") for n in names]
+        jax = f"{np.mean(jax):.2f}" if group == "natural" else "–"
+        assert rows[f"**{group}**"] == [f"mean of {len(names)}", jax, f"{mean:.2f}"]
+    assert rows["**all**"] == ["mean of 19", "–", f"{np.mean(list(medians.values())):.2f}"]
+
+
+def test_released_vtab_files_scored_with_steps_0_are_one_model_of_their_own(vtab_logdir):
+    text = results.tables(results.collect(vtab_logdir))
+    table = _table(text, "VTAB-1k: vtab/BiT-M-R152x4, evaluated as released (--steps 0)")
+    rows = {row[0]: row[1:] for row in table[1:]}
+    assert table[0] == ["Task", "Group", "TF2"]
+    assert rows["clevr-count"] == ["structured", "80.0 ← 85.0 → 90.0"]
+    assert rows["dtd"] == ["natural", "–"] and rows["**structured**"] == ["mean of 8", "–"]
+    # The CIFAR run and the few-shot VTAB run are in the ordinary table, no VTAB run is.
+    ordinary = _table(text, "BiT-M-R152x4")
+    assert ordinary[1:] == [["cifar10", "full", "97.0"], ["vtab/dtd", "2", "33.0"]]
+    assert text.index("| cifar10 |") < text.index("VTAB-1k: ")
+
+
+def test_results_cli_prints_the_vtab_tables(vtab_logdir, capsys):
+    assert results.main([str(vtab_logdir)]) == 0
+    out = capsys.readouterr().out
+    assert "VTAB-1k: BiT-M-R152x4, fine-tuned" in out and "| **all** | mean of 19 |" in out
+
+
+def test_reproduce_lists_the_vtab_rows():
+    from bit_common import vtab
+
+    jobs = [j for j in reproduce.jobs() if j.table == "VTAB-1k"]
+    parser = cli.build_parser("jax")
+    tuned, scored = [j for j in jobs if not j.eval_only], [j for j in jobs if j.eval_only]
+    # 2 models x 19 tasks x 3 runs x 3 frameworks, fine-tuned and scored as released.
+    assert len(tuned) == len(scored) == 2 * 19 * 3 * 3
+    assert len({j.name for j in jobs}) == len(jobs)
+    for job in jobs:
+        args = parser.parse_args(job.argv("runs", "weights", "data")[3:])
+        cli.check_args(args)
+        assert args.dataset.removeprefix("vtab/") in vtab.TASKS
+        if job.eval_only:
+            assert args.steps == 0 and args.model.startswith("vtab/BiT-M-")
+            assert args.model.endswith("-" + args.dataset.removeprefix("vtab/"))
+        else:
+            assert args.steps is None and args.model in reproduce.VTAB_MODELS
+            assert (args.batch, args.base_lr) == (512, 0.003)  # BiT-HyperRule's
+    assert {(j.framework, j.flags[1]) for j in scored if "clevr-count" in j.name} == {
+        (fw, f"vtab/{m}-run{r}-clevr-count") for fw in ("tf2", "jax", "pytorch")
+        for m in ("BiT-M-R152x4", "BiT-M-R101x3") for r in range(3)}
+
+
+def test_reproduce_prints_the_vtab_commands_and_skips_finished_evaluations(tmp_path, capsys,
+                                                                          monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    name = "BiT-M-R101x3-vtab-dtd-run2-released-pytorch"
+    assert reproduce.main(["--only", name]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("python -m")]
+    assert lines == [f"python -m bit_pytorch.train --name {name} --logdir runs/reproduce "
+                     f"--bit_pretrained_dir weights --datadir data --model "
+                     f"vtab/BiT-M-R101x3-run2-dtd --dataset vtab/dtd --steps 0"]
+    assert "VTAB-1k" not in out.splitlines()[-1]  # VTAB-1k has its commands now
+    _hand_made_run(tmp_path, name, 0.7, steps=0, model="vtab/BiT-M-R101x3-run2-dtd",
+                   dataset="vtab/dtd", framework="pytorch")  # evaluated: no model.npz needed
+    tuned = "BiT-M-R101x3-vtab-dtd-run2-pytorch"
+    _hand_made_run(tmp_path, tuned, 0.7, model="BiT-M-R101x3", dataset="vtab/dtd",
+                   framework="pytorch")  # no model.npz: not finished
+    only = "BiT-M-R101x3-vtab-dtd-run2"
+    assert reproduce.main(["--only", only, "--run", "--logdir", str(tmp_path)]) == 0
+    everything = {j.name for j in reproduce.jobs() if only in j.name}
+    assert len(everything) == 6  # fine-tuned and released, three frameworks
+    assert {c[c.index("--name") + 1] for c in calls} == everything - {name}
+    assert "VTAB-1k: vtab/BiT-M-R101x3, evaluated as released (--steps 0)" in \
+        capsys.readouterr().out
