@@ -12,6 +12,10 @@ column per framework, then the three group means and the 19-task mean, each the 
 tasks' median top-1 (shown once every task of the group has a run). The released fine-tuned
 files `vtab/BiT-M-<arch>-run<r>-<task>` count as one model, `vtab/BiT-M-<arch>`, whose runs
 are r = 0, 1, 2.
+
+Distillation runs (`bit_<framework>.distill`, config.json's `command`) get one table per
+teacher, student and dataset: a row per student resolution, a column per framework, each cell the
+student's top-1 and, in parentheses, its top-1 agreement with the teacher (both percent).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,17 +66,68 @@ VTAB_PREFIX = "vtab/"
 _RELEASED_VTAB = re.compile(r"^vtab/(?P<model>.+)-run\d+-[^/]+$")
 
 
-def collect(logdir: str | Path) -> list[RunResult]:
-    """Final top-1 of every finished run found below `logdir`."""
-    results = []
+@dataclass(frozen=True)
+class DistillResult:
+    teacher: str
+    student: str
+    dataset: str
+    resolution: int       # the student's
+    framework: str
+    top1: float           # percent, the student's
+    agree_top1: float     # percent of evaluation images on whose top-1 class it agrees
+    teacher_top1: float   # percent
+    path: Path
+
+
+def _finished_runs(logdir: str | Path) -> Iterator[tuple[Path, dict, dict]]:
+    """(run folder, config, last eval record) of every run below `logdir` that evaluated."""
     for config_path in sorted(Path(logdir).rglob("config.json")):
         run_dir = config_path.parent
         evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("type") == "eval"]
-        if not evals:
+        if evals:
+            yield run_dir, json.loads(config_path.read_text()), evals[-1]
+
+
+def collect_distill(logdir: str | Path) -> list[DistillResult]:
+    """The last evaluation of every distillation run below `logdir`."""
+    return [DistillResult(c["teacher"], c["student"], c["dataset"], c["resolution"],
+                          c["framework"], 100.0 * e["top1"], 100.0 * e["agree_top1"],
+                          100.0 * e["teacher_top1"], run_dir)
+            for run_dir, c, e in _finished_runs(logdir) if c.get("command") == "distill"]
+
+
+def distill_tables(results: list[DistillResult]) -> str:
+    """One Markdown table per teacher, student and dataset: rows the student's resolution,
+    columns frameworks, cells `top-1 (agreement)`, each the median over runs."""
+    out = []
+    for teacher, student, dataset in sorted({(r.teacher, r.student, r.dataset)
+                                             for r in results}):
+        runs = [r for r in results if (r.teacher, r.student, r.dataset) == (teacher, student,
+                                                                            dataset)]
+        fws = _frameworks(runs)
+        teacher_top1 = float(np.median([r.teacher_top1 for r in runs]))
+        out += [f"Distillation: {teacher} into {student} on {dataset} (teacher top-1 "
+                f"{teacher_top1:.1f}); student top-1 (agreement with the teacher)", "",
+                *_header(["Resolution"], fws)]
+        for res in sorted({r.resolution for r in runs}):
+            cells = []
+            for f in fws:
+                cell = [r for r in runs if (r.resolution, r.framework) == (res, f)]
+                cells.append(f"{np.median([r.top1 for r in cell]):.1f} "
+                             f"({np.median([r.agree_top1 for r in cell]):.1f})" if cell else "–")
+            out.append(f"| {res} px | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def collect(logdir: str | Path) -> list[RunResult]:
+    """Final top-1 of every finished fine-tuning run found below `logdir`."""
+    results = []
+    for run_dir, c, last in _finished_runs(logdir):
+        if c.get("command", "train") != "train":
             continue
-        c = json.loads(config_path.read_text())
         results.append(RunResult(c["model"], c["dataset"], c.get("examples_per_class"),
-                                 c["framework"], 100.0 * evals[-1]["top1"], run_dir,
+                                 c["framework"], 100.0 * last["top1"], run_dir,
                                  eval_only=c.get("steps") == 0))
     return results
 
@@ -230,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="write a PNG: top-1 against examples per class where there are few-shot "
                         "runs, otherwise each run's loss and top-1 against step")
     args = p.parse_args(argv)
-    results = collect(args.logdir)
-    if not results:
+    results, distilled = collect(args.logdir), collect_distill(args.logdir)
+    if not results and not distilled:
         print(f"error: no finished runs (config.json + an eval in metrics.jsonl) below "
               f"{args.logdir}.", file=sys.stderr)
         return 2
-    print(tables(results))
-    if args.plot:
+    print("\n".join(part for part in (tables(results), distill_tables(distilled)) if part))
+    if args.plot and results:
         print(f"Plot: {plot(results, args.plot)}")
     return 0
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from bit_common import cli, reproduce, results
+from bit_common import cli, distill, reproduce, results
 from bit_common.loop import main as loop_main
 from test_common_loop import Numpy
 
@@ -94,7 +94,7 @@ def test_reproduce_grid_covers_every_published_row():
     assert len([j for j in jobs if j.table == "ImageNet"]) == 9
     assert len({j.name for j in jobs}) == len(jobs)
     parser = cli.build_parser("pytorch")
-    for job in jobs:
+    for job in (j for j in jobs if j.command == "train"):
         args = parser.parse_args(job.argv("runs", "weights", "data")[3:])
         cli.check_args(args)
         if job.table == "CIFAR":
@@ -362,3 +362,43 @@ def test_reproduce_prints_the_vtab_commands_and_skips_finished_evaluations(tmp_p
     assert {c[c.index("--name") + 1] for c in calls} == everything - {name}
     assert "VTAB-1k: vtab/BiT-M-R101x3, evaluated as released (--steps 0)" in \
         capsys.readouterr().out
+
+
+def test_reproduce_lists_the_distilled_students():
+    jobs = [j for j in reproduce.jobs() if j.table == "Distillation"]
+    assert {(j.framework, j.flags[j.flags.index("--resolution") + 1]) for j in jobs} == {
+        (fw, res) for fw in ("tf2", "jax", "pytorch") for res in ("224", "160")}
+    parser = distill.build_parser("jax")
+    for job in jobs:
+        argv = job.argv("runs", "weights", "data")
+        assert argv[2] == f"bit_{job.framework}.distill"
+        args = parser.parse_args(argv[3:])
+        distill.check_args(args)
+        assert (args.teacher, args.student, args.dataset) == (
+            "distill/R152x2_T_224", "R50x1", "imagenet2012")
+        assert (args.base_lr, args.batch, args.warmup_steps) == (0.03, 4096, 5000)
+
+
+def test_distillation_runs_get_their_own_table(tmp_path, capsys, logdir):
+    from test_common_distill import Numpy as NumpyDistill
+
+    from bit_common import checkpoint
+    teacher = checkpoint.write_random_checkpoint(tmp_path / "t.npz", "R50x1", 10, seed=5)
+    for res in (16, 24):
+        assert distill.main(NumpyDistill, [
+            "--teacher", str(teacher), "--student", "R50x1", "--name", f"d{res}", "--logdir",
+            str(tmp_path / "runs"), "--dataset", "digits", "--batch", "32", "--base_lr", "0.01",
+            "--warmup_steps", "1", "--schedule_steps", "4", "--resolution", str(res),
+            "--no-save"]) == 0
+    found = results.collect_distill(tmp_path / "runs")
+    assert sorted(r.resolution for r in found) == [16, 24]
+    assert not results.collect(tmp_path / "runs")  # not fine-tuning runs
+    table = results.distill_tables(found)
+    assert table.startswith(f"Distillation: {teacher} into R50x1 on digits (teacher top-1 ")
+    rows = [line for line in table.splitlines() if line.endswith(" |") and "px" in line]
+    assert len(rows) == 2 and rows[0].startswith("| 16 px | ")
+    r16 = next(r for r in found if r.resolution == 16)
+    assert f"{r16.top1:.1f} ({r16.agree_top1:.1f})" in rows[0]
+    capsys.readouterr()
+    assert results.main([str(tmp_path / "runs")]) == 0
+    assert "Distillation:" in capsys.readouterr().out
