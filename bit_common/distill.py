@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bit_common import checkpoint, cli, loop, registry
-from bit_common.datasets import DatasetInfo, Split, get_dataset, verify_images
+from bit_common.datasets import DatasetInfo, Split, get_dataset
 from bit_common.errors import BiTError, CheckpointError, DataError
 from bit_common.plan import InputPlan
 from bit_common.registry import ARCHITECTURES, Arch
@@ -354,12 +354,7 @@ def make_setup(args: argparse.Namespace, framework: loop.Framework,
     weights the flags name; the tests pass random ones."""
     info = check_flags(args)
     config = loop.RunConfig.from_args(args)
-    train, evaluation = framework.load_splits(config, info)
-    if args.verify_images or args.skip_bad_images:
-        train, evaluation = (
-            verify_images(split, framework.image_problem, args.skip_bad_images, what,
-                          threads=max(1, args.workers))
-            for split, what in ((train, "training"), (evaluation, "evaluation")))
+    train, evaluation = loop.load_splits(args, framework, config, info)
     num_classes = info.num_classes or len(train.class_names)
     t_arch, t_params = teacher or load_teacher(args, num_classes, args.dataset)
     s_arch, s_params = student or load_student(args, num_classes)

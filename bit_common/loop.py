@@ -230,6 +230,19 @@ def check_flags(args: argparse.Namespace) -> tuple[registry.ModelInfo, DatasetIn
     return model, info
 
 
+def load_splits(args: argparse.Namespace, framework: Framework, config: RunConfig,
+                info: DatasetInfo) -> tuple[Split, Split]:
+    """Both splits of the dataset, every image file decoded first with --verify_images or
+    --skip_bad_images (the latter leaving out those that do not decode)."""
+    train, evaluation = framework.load_splits(config, info)
+    if args.verify_images or args.skip_bad_images:
+        train, evaluation = (
+            verify_images(split, framework.image_problem, args.skip_bad_images, what,
+                          threads=max(1, args.workers))
+            for split, what in ((train, "training"), (evaluation, "evaluation")))
+    return train, evaluation
+
+
 def make_setup(args: argparse.Namespace, framework: Framework,
                params: Mapping[str, np.ndarray] | None = None) -> RunSetup:
     """The whole run, decided once from the flags: both splits (loaded now, so that a broken
@@ -244,12 +257,7 @@ def make_setup(args: argparse.Namespace, framework: Framework,
     weights = None if params is not None else find_or_download(args.model,
                                                                 args.bit_pretrained_dir)
     config = RunConfig.from_args(args)
-    train, evaluation = framework.load_splits(config, info)
-    if args.verify_images or args.skip_bad_images:
-        train, evaluation = (
-            verify_images(split, framework.image_problem, args.skip_bad_images, what,
-                          threads=max(1, args.workers))
-            for split, what in ((train, "training"), (evaluation, "evaluation")))
+    train, evaluation = load_splits(args, framework, config, info)
     num_classes = info.num_classes or len(train.class_names)
     if args.examples_per_class:
         indices = sample_few_shot(train.labels, args.examples_per_class,

@@ -7,10 +7,14 @@ are decided here, in numpy, so all three frameworks see the same batches, and re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+
+from bit_common.errors import DataError
 
 # Separate random streams, so that changing e.g. the augmentation never changes the data order.
 _ORDER, _AUGMENT, _MIXUP = 0, 1, 2
@@ -92,6 +96,17 @@ class InputPlan:
         to the crop."""
         return (self.resize, self.crop) if self.augment and self.random_crop else \
             (self.crop, self.crop)
+
+
+def sharded(plan: Any, shards: int, unit: str = "devices") -> Any:
+    """`plan` (an InputPlan or a DistillPlan) with its batch split into `shards` equal
+    data-parallel slices (each mixup partner inside its slice), or a DataError naming `unit`."""
+    if shards == plan.shards:
+        return plan
+    if shards < 1 or plan.batch % shards:
+        raise DataError(f"The batch of {plan.batch} cannot be split into {shards} equal shards; "
+                        f"use a batch divisible by the number of {unit}.")
+    return dataclasses.replace(plan, shards=shards)
 
 
 @lru_cache(maxsize=4)

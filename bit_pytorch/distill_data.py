@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from bit_common.distill import DistillPlan, DistillSetup, central_boxes
-from bit_common.errors import DataError
+from bit_common.plan import sharded
 from bit_pytorch import data
 
 
@@ -47,24 +47,13 @@ class DistillBatch:
     mixup_perm: torch.Tensor   # int64 [b], indices into this process's rows
 
 
-class DistillTrainDataset(torch.utils.data.Dataset):
-    """Items are `(step, row)`: row `row` of the global batch of `step`, as the plan says."""
+class DistillTrainDataset(data.TrainDataset):
+    """Items are `(step, row)`: row `row` of the global batch of `step`, as the plan says; the
+    fine-tuning dataset's step cache, with distillation's crops."""
 
     def __init__(self, setup: DistillSetup, plan: DistillPlan):
-        self.images, self.labels = data._SplitImages(setup.train), setup.train.labels
-        self.plan, self.sizes = plan, (setup.resolution, setup.teacher_resolution)
-        self._cache: dict[int, object] = {}
-
-    def batch_plan(self, step: int):
-        bp = self._cache.get(step)
-        if bp is None:
-            if len(self._cache) > 4:
-                self._cache.clear()
-            bp = self._cache[step] = self.plan.batch_plan(step)
-        return bp
-
-    def __len__(self) -> int:
-        return self.plan.num_examples
+        super().__init__(setup.train, setup.train_indices, plan)
+        self.sizes = (setup.resolution, setup.teacher_resolution)
 
     def __getitem__(self, item: tuple[int, int]):
         step, row = item
@@ -116,12 +105,7 @@ def train_batches(setup: DistillSetup, start: int, end: int, rows: range, shards
     """Batches of steps start..end-1, restricted to global-batch `rows` (this process's slice
     when the batch is split into `shards` equal slices, one per process: every mixup partner
     stays inside its slice)."""
-    plan = setup.plan
-    if shards != plan.shards:
-        if shards < 1 or plan.batch % shards:
-            raise DataError(f"The batch of {plan.batch} cannot be split into {shards} equal "
-                            f"shards; use a batch divisible by the number of processes.")
-        plan = dataclasses.replace(plan, shards=shards)
+    plan = sharded(setup.plan, shards, unit="processes")
     dataset = DistillTrainDataset(setup, plan)
     loader = data._loader(dataset, data.StepSampler(start, end, rows), workers, pin_memory,
                           collate=_collate)

@@ -15,13 +15,13 @@ both images, with the batch's `mixup_lambda` and `mixup_perm`). Evaluation crops
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
 from bit_common.distill import DistillBatchPlan, DistillSetup, central_boxes
 from bit_common.errors import DataError
+from bit_common.plan import sharded
 from bit_tfdata.pipeline import (AUTOTUNE, _first_error, _num_calls, _options, _source,
                                  eval_items)
 
@@ -55,12 +55,7 @@ def train_dataset(setup: DistillSetup, start_step: int, shards: int = 1) -> tf.d
     `error` (see `bit_tfdata.pipeline.batches`); B = setup.config.batch. `shards` > 1 keeps the
     mixup partners inside each of that many data-parallel slices of the batch.
     """
-    plan = setup.plan
-    if shards != plan.shards:
-        if shards < 1 or plan.batch % shards:
-            raise DataError(f"The batch of {plan.batch} cannot be split into {shards} equal "
-                            f"shards; use a batch divisible by the number of devices.")
-        plan = dataclasses.replace(plan, shards=shards)
+    plan = sharded(setup.plan, shards)
     batch, augment = plan.batch, plan.augment
     r, rt = setup.resolution, setup.teacher_resolution
     source = _source(setup.train, None, "training")

@@ -43,7 +43,6 @@ Where the images come from:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Iterator
@@ -58,6 +57,7 @@ from bit_common import tfds_source
 from bit_common.datasets import DatasetInfo, Split, local_splits, undecodable_message
 from bit_common.errors import DataError
 from bit_common.loop import RunConfig, RunSetup
+from bit_common.plan import sharded
 
 AUTOTUNE = tf.data.AUTOTUNE
 IN_MEMORY_BYTES = int(os.environ.get("BIT_TFDS_IN_MEMORY_BYTES", 4 << 30))
@@ -361,12 +361,7 @@ def train_dataset(setup: RunSetup, start_step: int, shards: int = 1) -> tf.data.
     `shards` > 1: the batch will be split into that many data-parallel slices, and mixup
     partners are drawn inside each slice (bit_common.plan.InputPlan.shards).
     """
-    plan = setup.plan
-    if shards != plan.shards:
-        if shards < 1 or plan.batch % shards:
-            raise DataError(f"The batch of {plan.batch} cannot be split into {shards} equal "
-                            f"shards; use a batch divisible by the number of devices.")
-        plan = dataclasses.replace(plan, shards=shards)
+    plan = sharded(setup.plan, shards)
     batch = plan.batch
     resize, crop = plan.train_size
     train_indices = np.asarray(setup.train_indices, np.int64)
