@@ -138,6 +138,16 @@ def _apply_momentum(var: tf.Variable, buf: tf.Variable, grad: tf.Tensor, lr: tf.
                                      momentum=momentum, use_locking=False, use_nesterov=False)
 
 
+def update_loss_scale(scale: tf.Variable, good_steps: tf.Variable, finite: tf.Tensor) -> None:
+    """fp16's dynamic loss scale (bit_common.precision): halved on a non-finite gradient,
+    doubled after LOSS_SCALE_GROWTH_INTERVAL finite steps in a row."""
+    period = precision.LOSS_SCALE_GROWTH_INTERVAL
+    grow = tf.logical_and(finite, good_steps + 1 >= period)
+    scale.assign(tf.where(finite, tf.where(grow, scale * 2, scale), scale / 2))
+    good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)), good_steps + 1,
+                               tf.zeros([], tf.int64)))
+
+
 # ---- the backend the shared loop drives -----------------------------------------------------
 class TF2Backend(loop.Backend):
     def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
@@ -249,13 +259,7 @@ class TF2Backend(loop.Backend):
         return step
 
     def _update_loss_scale(self, finite: tf.Tensor) -> None:
-        period = precision.LOSS_SCALE_GROWTH_INTERVAL
-        grow = tf.logical_and(finite, self.good_steps + 1 >= period)
-        self.loss_scale.assign(tf.where(finite, tf.where(grow, self.loss_scale * 2,
-                                                         self.loss_scale),
-                                        self.loss_scale / 2))
-        self.good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)),
-                                        self.good_steps + 1, tf.zeros([], tf.int64)))
+        update_loss_scale(self.loss_scale, self.good_steps, finite)
 
     def _make_eval_step(self):
         model, top = self.model, min(5, self.setup.num_classes)
