@@ -149,6 +149,19 @@ def update_loss_scale(scale: tf.Variable, good_steps: tf.Variable, finite: tf.Te
 
 
 # ---- the backend the shared loop drives -----------------------------------------------------
+def distribute(strategy: tf.distribute.Strategy, replicas: int,
+               batch: Mapping[str, np.ndarray]) -> Any:
+    """Replica r gets rows [r*B/R, (r+1)*B/R) of every per-example array; scalars whole."""
+    n = len(next(v for v in batch.values() if np.ndim(v))) // replicas
+
+    def value_fn(ctx: tf.distribute.experimental.ValueContext) -> dict[str, tf.Tensor]:
+        r = ctx.replica_id_in_sync_group
+        return {k: tf.constant(v if np.ndim(v) == 0 else v[r * n:(r + 1) * n])
+                for k, v in batch.items()}
+
+    return strategy.experimental_distribute_values_from_function(value_fn)
+
+
 class TF2Backend(loop.Backend):
     def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
                  jit: bool | None = None):
@@ -284,16 +297,8 @@ class TF2Backend(loop.Backend):
             yield int(batch.pop("step")), batch
 
     def distribute(self, batch: dict[str, np.ndarray]) -> Any:
-        """Replica r gets rows [r*B/R, (r+1)*B/R) of every per-example array; scalars whole."""
-        n = len(batch["label"]) // self.replicas
-
-        def value_fn(ctx: tf.distribute.experimental.ValueContext) -> dict[str, tf.Tensor]:
-            r = ctx.replica_id_in_sync_group
-            return {k: tf.constant(v if np.ndim(v) == 0 else v[r * n:(r + 1) * n])
-                    for k, v in batch.items() if k in ("image", "label", "mixup_lambda",
-                                                       "mixup_perm")}
-
-        return self.strategy.experimental_distribute_values_from_function(value_fn)
+        keys = ("image", "label", "mixup_lambda", "mixup_perm")
+        return distribute(self.strategy, self.replicas, {k: batch[k] for k in keys})
 
     @_peer_losses
     def train_step(self, batch: dict[str, np.ndarray], lr: float) -> float:

@@ -220,15 +220,7 @@ class Distiller(loop.Backend):
             yield int(batch.pop("step")), batch
 
     def distribute(self, batch: Mapping[str, np.ndarray]) -> Any:
-        """Replica r gets rows [r*B/R, (r+1)*B/R) of every per-example array; scalars whole."""
-        n = len(batch["student"]) // self.replicas
-
-        def value_fn(ctx: tf.distribute.experimental.ValueContext) -> dict[str, tf.Tensor]:
-            r = ctx.replica_id_in_sync_group
-            return {k: tf.constant(v if np.ndim(v) == 0 else v[r * n:(r + 1) * n])
-                    for k, v in batch.items()}
-
-        return self.strategy.experimental_distribute_values_from_function(value_fn)
+        return backend.distribute(self.strategy, self.replicas, batch)
 
     @backend._peer_losses
     def train_step(self, batch: Mapping[str, np.ndarray], lr: float) -> float:

@@ -23,7 +23,7 @@ from bit_common.distill import DistillBatchPlan, DistillSetup, central_boxes
 from bit_common.errors import DataError
 from bit_common.plan import sharded
 from bit_tfdata.pipeline import (AUTOTUNE, _first_error, _num_calls, _options, _source,
-                                 eval_items)
+                                 eval_items, step_stream)
 
 
 def _crop_resize(image: tf.Tensor, box: tf.Tensor, size: int, flip: tf.Tensor | bool = False
@@ -82,16 +82,7 @@ def train_dataset(setup: DistillSetup, start_step: int, shards: int = 1) -> tf.d
         return {"student": _crop_resize(image, box, r, flip),
                 "teacher": _crop_resize(image, box, rt, flip), "error": error, **ex}
 
-    def finish(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {"student": b["student"], "teacher": b["teacher"],
-                "mixup_lambda": b["mixup_lambda"][0], "mixup_perm": b["mixup_perm"],
-                "step": b["step"][0], "error": _first_error(b["error"])}
-
-    ds = tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
-    ds = ds.map(plan_tf).unbatch()
-    ds = ds.map(load, num_parallel_calls=_num_calls(setup), deterministic=True)
-    ds = ds.batch(batch, drop_remainder=True).map(finish)
-    return ds.prefetch(AUTOTUNE).with_options(_options())
+    return step_stream(setup, start_step, batch, plan_tf, load, ("student", "teacher"))
 
 
 def eval_dataset(setup: DistillSetup, batch_size: int) -> tf.data.Dataset:

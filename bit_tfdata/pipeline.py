@@ -389,9 +389,19 @@ def train_dataset(setup: RunSetup, start_step: int, shards: int = 1) -> tf.data.
         image = _train_image(image, resize, crop, ex.pop("offset"), ex.pop("flip"))
         return {"image": image, "error": error, **ex}
 
+    return step_stream(setup, start_step, batch, plan_tf, load, ("image", "label"))
+
+
+def step_stream(setup: Any, start_step: int, batch: int, plan_tf: Callable[[tf.Tensor], dict],
+                load: Callable[[dict], dict], per_example: tuple[str, ...]) -> tf.data.Dataset:
+    """Steps start_step, start_step + 1, ...: each step's plan (`plan_tf`: [B] fields per
+    example), its examples loaded in parallel and in order (`load`), batched again; the batch
+    keeps `per_example` and `mixup_perm` whole, the step and mixup ratio once, and its first
+    error."""
+
     def finish(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {"image": b["image"], "label": b["label"], "mixup_lambda": b["mixup_lambda"][0],
-                "mixup_perm": b["mixup_perm"], "step": b["step"][0],
+        return {**{k: b[k] for k in (*per_example, "mixup_perm")},
+                "mixup_lambda": b["mixup_lambda"][0], "step": b["step"][0],
                 "error": _first_error(b["error"])}
 
     ds = tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)

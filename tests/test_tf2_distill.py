@@ -201,6 +201,7 @@ def test_lr_zero_moves_no_parameter_but_counts_the_step(clipped):
     assert np.abs(state[distill.ADAM_MU + checkpoint.HEAD_BIAS]).max() > 0
 
 
+@pytest.mark.slow  # another compiled step (~1 min here); PyTorch's runs by default
 def test_batch_split_and_clipping(clipped, first_step, unclipped_split):
     """2 micro-batches without clipping: the same loss, and a gradient whose global norm
     exceeds 1 and which, scaled to norm 1, is the clipped run's."""
