@@ -81,6 +81,25 @@ def micro_batches(a: jax.Array, k: int, mesh: Mesh) -> jax.Array:
     return a
 
 
+def mean_grads(loss_and_grads: Callable, params: Any, arrays: tuple[jax.Array, ...], k: int,
+               mesh: Mesh) -> tuple[jax.Array, Any]:
+    """(loss, gradients) of loss_and_grads(*arrays), as the mean over k contiguous
+    micro-batches of the arrays summed by a `lax.scan` (k = 1: one call on the whole batch).
+    `params` gives the gradients' tree."""
+    if k == 1:
+        return loss_and_grads(*arrays)
+
+    def body(carry, micro):
+        g_acc, l_acc = carry
+        loss_i, g = loss_and_grads(*micro)
+        g_acc = jax.tree.map(lambda a, b: a + b / k, g_acc, g)
+        return (g_acc, l_acc + loss_i / k), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+    (grads, loss), _ = lax.scan(body, init, tuple(micro_batches(a, k, mesh) for a in arrays))
+    return loss, grads
+
+
 _STEP_CACHE: dict[tuple, Callable] = {}
 _EVAL_CACHE: dict[tuple, Callable] = {}
 
@@ -139,18 +158,8 @@ def make_train_step(module: models.ResNetV2, batch_split: int, mesh: Mesh,
         x = batch["image"] + batch["partner"]
         y = batch["label"]
         y_mix = y[perm]
-        if k == 1:
-            loss, grads = grad_fn(params, frozen, x, y, y_mix, lam)
-        else:
-            def body(carry, micro):
-                g_acc, l_acc = carry
-                loss_i, g = grad_fn(params, frozen, *micro, lam)
-                g_acc = jax.tree.map(lambda a, b: a + b / k, g_acc, g)
-                return (g_acc, l_acc + loss_i / k), None
-
-            init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            (grads, loss), _ = lax.scan(body, init, tuple(micro_batches(a, k, mesh)
-                                                          for a in (x, y, y_mix)))
+        loss, grads = mean_grads(lambda *rows: grad_fn(params, frozen, *rows, lam), params,
+                                 (x, y, y_mix), k, mesh)
         updates, opt_state = tx.update(grads, optax.TraceState(trace=trace), params)
         params = jax.tree.map(lambda p, u: p - lr.astype(p.dtype) * u, params, updates)
         return (merge(params, frozen),

@@ -99,18 +99,9 @@ def make_distill_step(student: models.ResNetV2, teacher: models.ResNetV2, batch_
         xs = batch["student"] + batch["student_partner"]
         xt = batch["teacher"] + batch["teacher_partner"]
         temperature = hyper["temperature"]
-        if k == 1:
-            loss, grads = grad_fn(params, teacher_params, xs, xt, temperature)
-        else:
-            def body(carry, micro):
-                g_acc, l_acc = carry
-                loss_i, g = grad_fn(params, teacher_params, *micro, temperature)
-                g_acc = jax.tree.map(lambda a, b: a + b / k, g_acc, g)
-                return (g_acc, l_acc + loss_i / k), None
-
-            init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            micro = tuple(backend.micro_batches(a, k, mesh) for a in (xs, xt))
-            (grads, loss), _ = lax.scan(body, init, micro)
+        loss, grads = backend.mean_grads(
+            lambda *rows: grad_fn(params, teacher_params, *rows, temperature), params, (xs, xt),
+            k, mesh)
         tx = optimizer(hyper["lr"], hyper["clip_norm"], hyper["weight_decay"], mask, clip)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -136,6 +136,26 @@ class ProcessBackend(loop.Backend):
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def _accumulate(self, optimizer: torch.optim.Optimizer, lr: float, n: int,
+                    micro_loss: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """Gradients of the mean of micro_loss(rows) over --batch_split micro-batches of this
+        process's n rows, accumulated into `optimizer`'s parameters (set to learning rate
+        `lr`); returns that mean loss. DDP all-reduces on the last micro-batch only."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        split = self.config.batch_split
+        micro = n // split
+        total = torch.zeros((), device=self.device)
+        for i in range(split):
+            rows = slice(i * micro, (i + 1) * micro)
+            sync = i == split - 1 or self.net is self.model
+            with (contextlib.nullcontext() if sync else self.net.no_sync()), self._autocast():
+                loss = micro_loss(rows)
+            self._backward(loss / split)
+            total += loss.detach()
+        return total / split
+
     def _update(self, optimizer: torch.optim.Optimizer, clip_norm: float = 0.0) -> None:
         """The optimizer's step on the accumulated gradients, unscaled first under fp16 (a
         step whose gradients are not finite is skipped) and clipped to global norm `clip_norm`
@@ -218,24 +238,17 @@ class PyTorchBackend(ProcessBackend):
             y2 = y[perm]
         else:
             y2 = y
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        split = self.config.batch_split
-        micro = x.shape[0] // split
-        total = torch.zeros((), device=self.device)
-        for i in range(split):
-            rows = slice(i * micro, (i + 1) * micro)
-            sync = i == split - 1 or self.net is self.model
-            with (contextlib.nullcontext() if sync else self.net.no_sync()), self._autocast():
-                logits = self.net(x[rows]).float()
-                loss = F.cross_entropy(logits, y[rows])
-                if lam != 1.0:
-                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y2[rows])
-            self._backward(loss / split)
-            total += loss.detach()
+
+        def micro_loss(rows: slice) -> torch.Tensor:
+            logits = self.net(x[rows]).float()
+            loss = F.cross_entropy(logits, y[rows])
+            if lam != 1.0:
+                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y2[rows])
+            return loss
+
+        mean = self._accumulate(self.optimizer, lr, x.shape[0], micro_loss)
         self._update(self.optimizer)
-        return self._mean_over_processes(total / split)
+        return self._mean_over_processes(mean)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @_peer_losses

@@ -14,7 +14,6 @@ student is under DistributedDataParallel (the teacher has no gradient to all-red
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -78,23 +77,15 @@ class Distiller(ProcessBackend):
             perm = batch.mixup_perm.to(self.device)
             xs = lam * xs + (1.0 - lam) * xs[perm]
             xt = lam * xt + (1.0 - lam) * xt[perm]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        split = self.config.batch_split
-        micro = xs.shape[0] // split
-        total = torch.zeros((), device=self.device)
-        for i in range(split):
-            rows = slice(i * micro, (i + 1) * micro)
+
+        def micro_loss(rows: slice) -> torch.Tensor:
             teacher = self._teacher_logits(xt[rows])
-            sync = i == split - 1 or self.net is self.model
-            with (contextlib.nullcontext() if sync else self.net.no_sync()), self._autocast():
-                student = self.net(xs[rows]).float()
-                loss = kl_terms(teacher, student, self.setup.temperature).mean()
-            self._backward(loss / split)
-            total += loss.detach()
+            student = self.net(xs[rows]).float()
+            return kl_terms(teacher, student, self.setup.temperature).mean()
+
+        mean = self._accumulate(self.optimizer, lr, xs.shape[0], micro_loss)
         self._update(self.optimizer, self.setup.clip_norm)
-        return self._mean_over_processes(total / split)
+        return self._mean_over_processes(mean)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @_peer_losses

@@ -148,6 +148,45 @@ def update_loss_scale(scale: tf.Variable, good_steps: tf.Variable, finite: tf.Te
                                tf.zeros([], tf.int64)))
 
 
+def mix(lam: tf.Tensor, perm: tf.Tensor, *images: tf.Tensor) -> list[tf.Tensor]:
+    """Mixup of each image batch with the plan's partners (lam*x + (1-lam)*x[perm]); `perm`
+    holds the partners of this replica's slice as global rows, so it is taken modulo the slice."""
+    perm = perm % tf.shape(images[0])[0]
+    lam = tf.cast(lam, tf.float32)
+    return [lam * x + (1 - lam) * tf.gather(x, perm) for x in images]
+
+
+def summed_micro_grads(micro_grads: Any, batch: tuple[tf.Tensor, ...], k: int, replicas: int,
+                       params: list[tf.Variable]) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """(the sum of micro_grads' gradients over k micro-batches of `batch`, the mean loss /
+    replicas): micro_grads(*rows) returns (loss, gradients of loss / (k * replicas))."""
+    if k == 1:
+        loss, grads = micro_grads(*batch)
+        return grads, loss / replicas
+    m = tf.shape(batch[0])[0] // k
+    acc = [tf.zeros(p.shape, tf.float32) for p in params]
+    total = tf.zeros([], tf.float32)
+    for i in tf.range(k):
+        # One micro-batch at a time: by default the while loop may run several
+        # iterations' forward passes at once, which is what splitting must prevent.
+        tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+        sl = slice(i * m, (i + 1) * m)
+        loss, grads = micro_grads(*(t[sl] for t in batch))
+        acc = [a + g for a, g in zip(acc, grads)]
+        total += loss
+    return acc, total / (k * replicas)
+
+
+def all_reduce(strategy: tf.distribute.Strategy, grads: list[Any], loss: Any
+               ) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """The replicas' gradients and losses summed, in one batched all-reduce whose sums stay on
+    the replicas' devices (a list handed to `strategy.reduce` is packed into one tensor, which
+    multi-worker collectives reject; other destinations make one all-reduce per variable)."""
+    grads = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM,
+                                              [(g, g) for g in grads])
+    return grads, strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+
+
 # ---- the backend the shared loop drives -----------------------------------------------------
 def distribute(strategy: tf.distribute.Strategy, replicas: int,
                batch: Mapping[str, np.ndarray]) -> Any:
@@ -219,26 +258,11 @@ class TF2Backend(loop.Backend):
 
         def replica_step(image, label, lam, perm, scale):
             """Gradients of (this replica's mean loss / replicas), and that loss / replicas."""
-            n = tf.shape(image)[0]
-            perm = perm % n  # the plan's partners of this replica's slice, as local indices
+            (x,) = mix(lam, perm, image)
+            y, y_mix = label, tf.gather(label, perm % tf.shape(image)[0])
             lam = tf.cast(lam, tf.float32)
-            x = lam * image + (1 - lam) * tf.gather(image, perm)
-            y, y_mix = label, tf.gather(label, perm)
-            if k == 1:
-                loss, grads = micro_grads(x, y, y_mix, lam, scale)
-                return grads, loss / replicas
-            m = n // k
-            acc = [tf.zeros(p.shape, tf.float32) for p in params]
-            total = tf.zeros([], tf.float32)
-            for i in tf.range(k):
-                # One micro-batch at a time: by default the while loop may run several
-                # iterations' forward passes at once, which is what splitting must prevent.
-                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-                sl = slice(i * m, (i + 1) * m)
-                loss, grads = micro_grads(x[sl], y[sl], y_mix[sl], lam, scale)
-                acc = [a + g for a, g in zip(acc, grads)]
-                total += loss
-            return acc, total / (k * replicas)
+            return summed_micro_grads(lambda *rows: micro_grads(*rows, lam, scale),
+                                      (x, y, y_mix), k, replicas, params)
 
         replica_fn = tf.function(replica_step, jit_compile=self.jit)
         strategy = self.strategy
@@ -248,12 +272,7 @@ class TF2Backend(loop.Backend):
             grads, loss = strategy.run(replica_fn, args=(
                 batch["image"], batch["label"], batch["mixup_lambda"], batch["mixup_perm"],
                 self.loss_scale))
-            # One batched all-reduce whose sums stay on the replicas' devices (a list handed to
-            # `strategy.reduce` is packed into one tensor, which multi-worker collectives reject;
-            # other destinations make one all-reduce per variable).
-            grads = strategy.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM, [(g, g) for g in grads])
-            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            grads, loss = all_reduce(strategy, grads, loss)
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             if scaling:  # skip the update and halve the scale on overflow (fp16 only)
                 self._update_loss_scale(finite)

@@ -127,25 +127,10 @@ class Distiller(loop.Backend):
             return loss, [tf.cast(g, tf.float32) / scale for g in grads]
 
         def replica_step(student_image, teacher_image, lam, perm, scale):
-            n = tf.shape(student_image)[0]
-            perm = perm % n  # the plan's partners of this replica's slice, as local indices
-            lam = tf.cast(lam, tf.float32)
-            xs = lam * student_image + (1 - lam) * tf.gather(student_image, perm)
-            xt = lam * teacher_image + (1 - lam) * tf.gather(teacher_image, perm)
-            if k == 1:
-                loss, grads = micro_grads(xs, xt, scale)
-                return grads, loss / replicas
-            m = n // k
-            acc = [tf.zeros(p.shape, tf.float32) for p in params]
-            total = tf.zeros([], tf.float32)
-            for i in tf.range(k):
-                # One micro-batch at a time (see bit_tf2.backend).
-                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-                sl = slice(i * m, (i + 1) * m)
-                loss, grads = micro_grads(xs[sl], xt[sl], scale)
-                acc = [a + g for a, g in zip(acc, grads)]
-                total += loss
-            return acc, total / (k * replicas)
+            # The same partners and ratio for both images.
+            xs, xt = backend.mix(lam, perm, student_image, teacher_image)
+            return backend.summed_micro_grads(lambda *rows: micro_grads(*rows, scale), (xs, xt),
+                                              k, replicas, params)
 
         return tf.function(replica_step, jit_compile=self.jit)
 
@@ -170,9 +155,7 @@ class Distiller(loop.Backend):
             grads, loss = strategy.run(replica_fn, args=(
                 batch["student"], batch["teacher"], batch["mixup_lambda"], batch["mixup_perm"],
                 self.loss_scale))
-            grads = strategy.extended.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM, [(g, g) for g in grads])
-            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            grads, loss = backend.all_reduce(strategy, grads, loss)
             opt.learning_rate.assign(lr)
             self.epsilon.assign(torch_epsilon(opt.iterations))
             if scaling:  # fp16: on overflow skip the step (Adam's moments and count kept)
