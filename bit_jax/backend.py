@@ -264,8 +264,7 @@ class JaxBackend(loop.Backend):
         from bit_jax import data  # tf.data: not needed to build the backend (a bench without TF)
 
         shards = self.mesh.devices.size  # mixup partners stay inside each device's slice
-        for batch in data.batches(data.train_dataset(self.setup, start_step, shards)):
-            step = int(batch.pop("step"))
+        for step, batch in data.stepped_batches(data.train_dataset(self.setup, start_step, shards)):
             yield step, shard_batch(batch, self.mesh)
 
     @_peer_losses

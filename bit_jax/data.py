@@ -4,7 +4,8 @@ dataset as numpy arrays, turning an unreadable image file into a DataError namin
 this module imports TensorFlow's data API; `bit_jax.models` does not."""
 
 from bit_tfdata.pipeline import (batches, eval_dataset, image_problem, load_splits,
-                                 preprocess_eval, preprocess_train, train_dataset)
+                                 preprocess_eval, preprocess_train, stepped_batches,
+                                 train_dataset)
 
 __all__ = ["batches", "eval_dataset", "image_problem", "load_splits", "preprocess_eval",
-           "preprocess_train", "train_dataset"]
+           "preprocess_train", "stepped_batches", "train_dataset"]

@@ -203,8 +203,7 @@ class Distiller(loop.Backend):
 
         shards = self.mesh.devices.size  # mixup partners stay inside each device's slice
         ds = distill_pipeline.train_dataset(self.setup, start_step, shards)
-        for batch in data.batches(ds):
-            step = int(batch.pop("step"))
+        for step, batch in data.stepped_batches(ds):
             yield step, backend.shard_batch(batch, self.mesh)
 
     @backend._peer_losses

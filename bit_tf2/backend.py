@@ -312,8 +312,7 @@ class TF2Backend(loop.Backend):
     # batches ----------------------------------------------------------------------------
     def train_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         ds = data.train_dataset(self.setup, start_step, shards=self.replicas)
-        for batch in data.batches(ds):
-            yield int(batch.pop("step")), batch
+        yield from data.stepped_batches(ds)
 
     def distribute(self, batch: dict[str, np.ndarray]) -> Any:
         keys = ("image", "label", "mixup_lambda", "mixup_perm")

@@ -199,8 +199,7 @@ class Distiller(loop.Backend):
     # batches ----------------------------------------------------------------------------
     def train_batches(self, start_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         ds = distill_pipeline.train_dataset(self.setup, start_step, shards=self.replicas)
-        for batch in data.batches(ds):
-            yield int(batch.pop("step")), batch
+        yield from data.stepped_batches(ds)
 
     def distribute(self, batch: Mapping[str, np.ndarray]) -> Any:
         return backend.distribute(self.strategy, self.replicas, batch)

@@ -66,15 +66,6 @@ def train_dataset(setup: DistillSetup, start_step: int, shards: int = 1) -> tf.d
                 bp.crop_draws.astype(np.float64), bp.flips.astype(bool),
                 np.full(batch, bp.mixup_lambda, np.float32), bp.mixup_perm.astype(np.int32))
 
-    def plan_tf(step: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = tf.numpy_function(plan_np, [step], [tf.int64, tf.int64, tf.float64, tf.bool,
-                                                  tf.float32, tf.int32], stateful=False)
-        names = ("step", "pos", "draws", "flip", "mixup_lambda", "mixup_perm")
-        ex = dict(zip(names, out))
-        for k, v in ex.items():
-            v.set_shape([batch, 4] if k == "draws" else [batch])
-        return ex
-
     def load(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image, error = source.fetch(ex.pop("pos"))
         box = _box(tf.shape(image)[:2], ex.pop("draws"), augment)
@@ -82,7 +73,10 @@ def train_dataset(setup: DistillSetup, start_step: int, shards: int = 1) -> tf.d
         return {"student": _crop_resize(image, box, r, flip),
                 "teacher": _crop_resize(image, box, rt, flip), "error": error, **ex}
 
-    return step_stream(setup, start_step, batch, plan_tf, load, ("student", "teacher"))
+    fields = {"step": (tf.int64, ()), "pos": (tf.int64, ()), "draws": (tf.float64, (4,)),
+              "flip": (tf.bool, ()), "mixup_lambda": (tf.float32, ()),
+              "mixup_perm": (tf.int32, ())}
+    return step_stream(setup, start_step, batch, (plan_np, fields), load, ("student", "teacher"))
 
 
 def eval_dataset(setup: DistillSetup, batch_size: int) -> tf.data.Dataset:

@@ -375,29 +375,36 @@ def train_dataset(setup: RunSetup, start_step: int, shards: int = 1) -> tf.data.
                 labels[idx].astype(np.int32), bp.offsets.astype(np.int32), bp.flips.astype(bool),
                 np.full(batch, bp.mixup_lambda, np.float32), bp.mixup_perm.astype(np.int32))
 
-    def plan_tf(step: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = tf.numpy_function(plan_np, [step], [tf.int64, tf.int64, tf.int32, tf.int32,
-                                                  tf.bool, tf.float32, tf.int32], stateful=False)
-        names = ("step", "pos", "label", "offset", "flip", "mixup_lambda", "mixup_perm")
-        ex = dict(zip(names, out))
-        for k, v in ex.items():
-            v.set_shape([batch, 2] if k == "offset" else [batch])
-        return ex
-
     def load(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image, error = source.fetch(ex.pop("pos"))
         image = _train_image(image, resize, crop, ex.pop("offset"), ex.pop("flip"))
         return {"image": image, "error": error, **ex}
 
-    return step_stream(setup, start_step, batch, plan_tf, load, ("image", "label"))
+    fields = {"step": (tf.int64, ()), "pos": (tf.int64, ()), "label": (tf.int32, ()),
+              "offset": (tf.int32, (2,)), "flip": (tf.bool, ()),
+              "mixup_lambda": (tf.float32, ()), "mixup_perm": (tf.int32, ())}
+    return step_stream(setup, start_step, batch, (plan_np, fields), load, ("image", "label"))
 
 
-def step_stream(setup: Any, start_step: int, batch: int, plan_tf: Callable[[tf.Tensor], dict],
+PlanFields = dict[str, tuple[tf.DType, tuple[int, ...]]]
+
+
+def step_stream(setup: Any, start_step: int, batch: int,
+                plan: tuple[Callable[[np.ndarray], tuple[np.ndarray, ...]], PlanFields],
                 load: Callable[[dict], dict], per_example: tuple[str, ...]) -> tf.data.Dataset:
-    """Steps start_step, start_step + 1, ...: each step's plan (`plan_tf`: [B] fields per
-    example), its examples loaded in parallel and in order (`load`), batched again; the batch
-    keeps `per_example` and `mixup_perm` whole, the step and mixup ratio once, and its first
-    error."""
+    """Steps start_step, start_step + 1, ...: each step's plan (`plan` = (plan_np, fields):
+    plan_np(step) returns the fields' [B, *shape] arrays in their order), its examples loaded in
+    parallel and in order (`load`), batched again; the batch keeps `per_example` and
+    `mixup_perm` whole, the step and mixup ratio once, and its first error."""
+    plan_np, fields = plan
+
+    def plan_tf(step: tf.Tensor) -> dict[str, tf.Tensor]:
+        out = tf.numpy_function(plan_np, [step], [dtype for dtype, _ in fields.values()],
+                                stateful=False)
+        ex = dict(zip(fields, out))
+        for name, (_, shape) in fields.items():
+            ex[name].set_shape([batch, *shape])
+        return ex
 
     def finish(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {**{k: b[k] for k in (*per_example, "mixup_perm")},
@@ -469,6 +476,12 @@ def batches(ds: tf.data.Dataset, numpy: bool = True) -> Iterator[dict[str, Any]]
         if error is not None and (message := error.numpy().decode("utf-8", "replace")):
             raise DataError(message)
         yield tf.nest.map_structure(lambda t: t.numpy(), batch) if numpy else batch
+
+
+def stepped_batches(ds: tf.data.Dataset) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(step, batch) for a training stream's numpy batches (see `batches`)."""
+    for batch in batches(ds):
+        yield int(batch.pop("step")), batch
 
 
 # ---- numpy in, numpy out (cross-framework parity tests) ------------------------------------------
