@@ -40,6 +40,19 @@ from bit_common.registry import parse_arch
 from bit_common.runlog import read_metrics
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch on one thread for a test module (`pytestmark = usefixtures(...)`): on a shared
+    2-core machine OpenMP's spinning threads make a contended run many times slower, and one
+    thread is fast and deterministic whatever else runs."""
+    import torch  # here, not at the top: a JAX- or TF-only test session need not load torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
     """A folder usable as --bit_pretrained_dir (files are added by the fixtures below)."""

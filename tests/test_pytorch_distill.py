@@ -32,12 +32,7 @@ SMALL = ["--student", "R50x1", "--dataset", "digits", "--batch", "8", "--resolut
 LR = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

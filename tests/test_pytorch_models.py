@@ -13,14 +13,7 @@ from bit_pytorch import models
 from conftest import pooled_pre_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine, OpenMP's spinning threads make a contended run many times
-    # slower; one thread is fast and deterministic whatever else runs.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

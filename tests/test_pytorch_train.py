@@ -27,12 +27,7 @@ SMALL = ["--model", "BiT-M-R50x1", "--dataset", "digits", "--batch", "8",
          "--resolution", "40", "32", "--workers", "0", "--batch_eval", "120"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli_args(ckpt_dir, logdir, name, *extra) -> list[str]:
