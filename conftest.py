@@ -128,6 +128,14 @@ UPDATE_TOLERANCE = 0.1
 MIXED_UPDATE_TOLERANCE = {"bf16": 0.3, "fp16": 0.15}
 
 
+def checkpoint_difference(a_path, b_path) -> float:
+    """The largest absolute difference between two run checkpoints' arrays (their config
+    aside), which must hold the same keys."""
+    with np.load(a_path) as a, np.load(b_path) as b:
+        assert sorted(a.files) == sorted(b.files)
+        return max(float(np.abs(a[k] - b[k]).max()) for k in a.files if k != "meta/config")
+
+
 def update_difference(a: dict, b: dict, start: dict, prefix: str) -> float:
     """Relative L2 difference of two updates (a - start, b - start) over all arrays at once.
 

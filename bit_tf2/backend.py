@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -201,9 +202,12 @@ def distribute(strategy: tf.distribute.Strategy, replicas: int,
     return strategy.experimental_distribute_values_from_function(value_fn)
 
 
-class TF2Backend(loop.Backend):
-    def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
-                 jit: bool | None = None):
+class ReplicatedBackend(loop.Backend):
+    """What fine-tuning and distillation share: the strategy and its replicas, equal
+    micro-batches on every replica, the chief, XLA or not, and the precision policy and loss
+    scale under which the models are built (`building`)."""
+
+    def __init__(self, setup: Any, strategy: tf.distribute.Strategy | None, jit: bool | None):
         config = setup.config
         self.setup, self.config = setup, config
         self.strategy = strategy or make_strategy()
@@ -217,23 +221,35 @@ class TF2Backend(loop.Backend):
                 f"device gets the same number of equal micro-batches.")
         self.is_chief = _is_chief(self.strategy)
         self.jit = use_jit() if jit is None else jit
-        policy = _policy(config.precision)
         self.loss_scaling = precision.needs_loss_scaling(config.precision)
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """The strategy's scope under the run's precision policy (Keras reads the global one
+        when a layer is built; the caller's is restored after), with the loss scale state."""
         previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(policy)
+        keras.mixed_precision.set_global_policy(_policy(self.config.precision))
         try:
             with self.strategy.scope():
-                self.model = models.from_params(setup.arch, setup.params)
-                self.keys = list(self.model.variables_by_key)
-                self.params = [self.model.variables_by_key[k] for k in self.keys]
-                self.momentum = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
-                                             name="momentum") for v in self.params]
                 self.loss_scale = tf.Variable(precision.LOSS_SCALE_INIT if self.loss_scaling
-                                              else 1.0,
-                                              trainable=False, dtype=tf.float32)
+                                              else 1.0, trainable=False, dtype=tf.float32)
                 self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
+                yield
         finally:
             keras.mixed_precision.set_global_policy(previous)
+
+
+class TF2Backend(ReplicatedBackend):
+    def __init__(self, setup: loop.RunSetup, strategy: tf.distribute.Strategy | None = None,
+                 jit: bool | None = None):
+        super().__init__(setup, strategy, jit)
+        config = setup.config
+        with self.building():
+            self.model = models.from_params(setup.arch, setup.params)
+            self.keys = list(self.model.variables_by_key)
+            self.params = [self.model.variables_by_key[k] for k in self.keys]
+            self.momentum = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                                         name="momentum") for v in self.params]
         trained = set(trainable.trained_keys(self.keys, config.train))
         self.trained = [i for i, key in enumerate(self.keys) if key in trained]  # into params
         self._step = self._make_step()

@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bit_common import distill, loop, precision
+from bit_common import distill, precision
 from bit_common.distill import DistillSetup
-from bit_common.errors import BiTError
 from bit_tf2 import backend, data, models
 from bit_tfdata import distill_pipeline
 
@@ -58,49 +57,28 @@ def torch_epsilon(iterations: tf.Tensor) -> tf.Tensor:
     return distill.ADAM_EPS * tf.sqrt(1.0 - tf.constant(distill.ADAM_B2, tf.float32) ** t)
 
 
-class Distiller(loop.Backend):
+class Distiller(backend.ReplicatedBackend):
     """Teacher, student and Keras' AdamW, driven by the shared loop."""
 
     def __init__(self, setup: DistillSetup, strategy: tf.distribute.Strategy | None = None,
                  jit: bool | None = None):
+        super().__init__(setup, strategy, jit)
         config = setup.config
-        self.setup, self.config = setup, config
-        self.strategy = strategy or backend.make_strategy()
-        self.replicas = int(self.strategy.num_replicas_in_sync)
-        self.multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        self.batch_split = int(config.batch_split)
-        if config.batch % (self.replicas * self.batch_split):
-            raise BiTError(
-                f"--batch {config.batch} must be divisible by the number of replicas "
-                f"({self.replicas}) times --batch_split ({self.batch_split}), so that every "
-                f"device gets the same number of equal micro-batches.")
-        self.is_chief = backend._is_chief(self.strategy)
-        self.jit = backend.use_jit() if jit is None else jit
-        policy = backend._policy(config.precision)
-        self.loss_scaling = precision.needs_loss_scaling(config.precision)
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            with self.strategy.scope():
-                self.teacher = models.from_params(setup.teacher_arch, setup.teacher_params)
-                self.teacher.trainable = False
-                self.student = models.from_params(setup.arch, setup.params)
-                self.keys = list(self.student.variables_by_key)
-                self.params = [self.student.variables_by_key[k] for k in self.keys]
-                self.epsilon = keras.Variable(distill.ADAM_EPS, trainable=False,
-                                              dtype="float32", name="adam_epsilon")
-                self.optimizer = keras.optimizers.AdamW(
-                    learning_rate=0.0, weight_decay=setup.weight_decay / setup.base_lr,
-                    beta_1=distill.ADAM_B1, beta_2=distill.ADAM_B2, epsilon=self.epsilon)
-                self.optimizer.exclude_from_weight_decay(
-                    var_list=[v for k, v in zip(self.keys, self.params)
-                              if not distill.decayed(k)])
-                self.optimizer.build(self.params)
-                self.loss_scale = tf.Variable(precision.LOSS_SCALE_INIT if self.loss_scaling
-                                              else 1.0, trainable=False, dtype=tf.float32)
-                self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        with self.building():
+            self.teacher = models.from_params(setup.teacher_arch, setup.teacher_params)
+            self.teacher.trainable = False
+            self.student = models.from_params(setup.arch, setup.params)
+            self.keys = list(self.student.variables_by_key)
+            self.params = [self.student.variables_by_key[k] for k in self.keys]
+            self.epsilon = keras.Variable(distill.ADAM_EPS, trainable=False,
+                                          dtype="float32", name="adam_epsilon")
+            self.optimizer = keras.optimizers.AdamW(
+                learning_rate=0.0, weight_decay=setup.weight_decay / setup.base_lr,
+                beta_1=distill.ADAM_B1, beta_2=distill.ADAM_B2, epsilon=self.epsilon)
+            self.optimizer.exclude_from_weight_decay(
+                var_list=[v for k, v in zip(self.keys, self.params)
+                          if not distill.decayed(k)])
+            self.optimizer.build(self.params)
         opt = self.optimizer
         # Keras' Adam keeps one momentum and one velocity per variable, found by its index.
         index = [opt._get_variable_index(p) for p in self.params]

@@ -22,8 +22,7 @@ import tensorflow as tf
 from bit_common.distill import DistillBatchPlan, DistillSetup, central_boxes
 from bit_common.errors import DataError
 from bit_common.plan import sharded
-from bit_tfdata.pipeline import (AUTOTUNE, _first_error, _num_calls, _options, _source,
-                                 eval_items, step_stream)
+from bit_tfdata.pipeline import _num_calls, _source, eval_items, padded_batches, step_stream
 
 
 def _crop_resize(image: tf.Tensor, box: tf.Tensor, size: int, flip: tf.Tensor | bool = False
@@ -99,16 +98,7 @@ def eval_dataset(setup: DistillSetup, batch_size: int) -> tf.data.Dataset:
                 "label": label, "mask": tf.constant(1.0, tf.float32), "error": error}
 
     ds = ds.map(load, num_parallel_calls=_num_calls(setup), deterministic=True)
-    pad = -n % batch_size
-    if pad:
-        blank = {"student": tf.zeros([r, r, 3], tf.float32),
-                 "teacher": tf.zeros([rt, rt, 3], tf.float32),
-                 "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32),
-                 "error": tf.constant("")}
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda b: {**b, "error": _first_error(b["error"])})
-    return ds.prefetch(AUTOTUNE).with_options(_options())
+    return padded_batches(ds, n, batch_size, {"student": [r, r, 3], "teacher": [rt, rt, 3]})
 
 
 def preprocess(images_uint8: np.ndarray, boxes: np.ndarray, size: int,

@@ -455,9 +455,16 @@ def eval_dataset(setup: RunSetup, batch_size: int) -> tf.data.Dataset:
                 "mask": tf.constant(1.0, tf.float32), "error": error}
 
     ds = ds.map(load, num_parallel_calls=_num_calls(setup), deterministic=True)
+    return padded_batches(ds, n, batch_size, {"image": [crop, crop, 3]})
+
+
+def padded_batches(ds: tf.data.Dataset, n: int, batch_size: int,
+                   images: dict[str, list[int]]) -> tf.data.Dataset:
+    """The n loaded eval examples of `ds` in batches of exactly `batch_size`, the last padded
+    with examples of zero `images` (name: shape), label 0 and mask 0; each batch's first error."""
     pad = -n % batch_size
     if pad:
-        blank = {"image": tf.zeros([crop, crop, 3], tf.float32),
+        blank = {**{k: tf.zeros(shape, tf.float32) for k, shape in images.items()},
                  "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32),
                  "error": tf.constant("")}
         ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
