@@ -140,6 +140,13 @@ def test_vtab_datasets_train_on_train800val200_and_evaluate_on_test():
     assert get_dataset("vtab/clevr-count").train_split == "train[:800]+train[63000:63200]"
 
 
+def test_every_task_names_a_builder_and_version_the_installed_tfds_has(tmp_path):
+    """Building the builder object reads no data; a version tfds dropped fails here."""
+    for task in vtab.TASKS.values():
+        builder = tfds.builder(task.tfds_name, data_dir=str(tmp_path))
+        assert task.image_key in builder.info.features, task.name
+
+
 def test_unknown_vtab_task_suggests_the_closest_and_lists_all():
     with pytest.raises(DataError, match="Did you mean: clevr-count") as e:
         get_dataset("vtab/clevr-cnt")
