@@ -149,12 +149,14 @@ def update_loss_scale(scale: tf.Variable, good_steps: tf.Variable, finite: tf.Te
                                tf.zeros([], tf.int64)))
 
 
-def mix(lam: tf.Tensor, perm: tf.Tensor, *images: tf.Tensor) -> list[tf.Tensor]:
-    """Mixup of each image batch with the plan's partners (lam*x + (1-lam)*x[perm]); `perm`
-    holds the partners of this replica's slice as global rows, so it is taken modulo the slice."""
+def mix(lam: tf.Tensor, perm: tf.Tensor, *images: tf.Tensor
+        ) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """(each image batch mixed with the plan's partners, lam*x + (1-lam)*x[perm]; those
+    partners as rows of this replica's slice, for the labels). `perm` holds the partners of
+    this replica's slice as global rows, so it is taken modulo the slice."""
     perm = perm % tf.shape(images[0])[0]
     lam = tf.cast(lam, tf.float32)
-    return [lam * x + (1 - lam) * tf.gather(x, perm) for x in images]
+    return [lam * x + (1 - lam) * tf.gather(x, perm) for x in images], perm
 
 
 def summed_micro_grads(micro_grads: Any, batch: tuple[tf.Tensor, ...], k: int, replicas: int,
@@ -274,8 +276,8 @@ class TF2Backend(ReplicatedBackend):
 
         def replica_step(image, label, lam, perm, scale):
             """Gradients of (this replica's mean loss / replicas), and that loss / replicas."""
-            (x,) = mix(lam, perm, image)
-            y, y_mix = label, tf.gather(label, perm % tf.shape(image)[0])
+            (x,), perm = mix(lam, perm, image)
+            y, y_mix = label, tf.gather(label, perm)
             lam = tf.cast(lam, tf.float32)
             return summed_micro_grads(lambda *rows: micro_grads(*rows, lam, scale),
                                       (x, y, y_mix), k, replicas, params)

@@ -106,7 +106,7 @@ class Distiller(backend.ReplicatedBackend):
 
         def replica_step(student_image, teacher_image, lam, perm, scale):
             # The same partners and ratio for both images.
-            xs, xt = backend.mix(lam, perm, student_image, teacher_image)
+            (xs, xt), _ = backend.mix(lam, perm, student_image, teacher_image)
             return backend.summed_micro_grads(lambda *rows: micro_grads(*rows, scale), (xs, xt),
                                               k, replicas, params)
 
